@@ -1,0 +1,53 @@
+# The two commands a new user types: `make run` and `make test`. Both create the
+# virtualenv, install the project, start the local stack (Kafka + Cassandra from
+# Maven Central jars) and then do their job.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DURATION ?= 60
+PYTEST_ARGS ?=
+
+.PHONY: venv stack-up stack-down stack-status run test unit integration lint chaos bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+stack-up: venv
+	$(BIN)/ohs stack up
+
+stack-down: venv
+	$(BIN)/ohs stack down
+
+stack-status: venv
+	$(BIN)/ohs stack status
+
+# The main job, end to end on the local stack.
+run: stack-up
+	$(BIN)/ohs smoke
+
+# Every test: unit and integration (real Kafka and Cassandra); compose tests skip without Docker.
+test: stack-up
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+unit: venv
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+integration: stack-up
+	$(BIN)/python -m pytest -m integration $(PYTEST_ARGS)
+
+chaos: stack-up
+	$(BIN)/python -m pytest -m chaos $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

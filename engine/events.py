@@ -1,0 +1,202 @@
+"""Events the matching engine emits: the contract of the whole pipeline.
+
+Every event carries the engine's ``epoch`` and a global ``seq``. Within one
+epoch ``seq`` is gapless and strictly increasing across *all* event types, so
+any consumer can detect a lost or duplicated event by arithmetic alone. A new
+epoch starts only when an engine is started on an empty journal; a restarted
+engine recovers its journal and keeps both epoch and seq.
+
+Prices are integer ticks, quantities integer lots, amounts integer units of an
+asset (quote amount = price * qty, in quote units). Nothing here is a float.
+
+This module is part of the pure core: standard library only.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import TypeAlias
+
+__all__ = [
+    "BalanceReason",
+    "BalanceUpdate",
+    "Event",
+    "EventType",
+    "OrderStatus",
+    "OrderType",
+    "OrderUpdate",
+    "RejectReason",
+    "Side",
+    "TimeInForce",
+    "Trade",
+    "TERMINAL_STATUSES",
+]
+
+
+class Side(enum.Enum):
+    BUY = "BUY"
+    SELL = "SELL"
+
+
+class OrderType(enum.Enum):
+    LIMIT = "LIMIT"
+    MARKET = "MARKET"
+
+
+class TimeInForce(enum.Enum):
+    GTC = "GTC"
+    """Good till cancelled."""
+    IOC = "IOC"
+    """Immediate or cancel: what does not fill at once expires."""
+    FOK = "FOK"
+    """Fill or kill: fills completely at once or expires without any fill."""
+    GTT = "GTT"
+    """Good till time: rests until ``expire_ns`` then expires."""
+
+
+class OrderStatus(enum.Enum):
+    NEW = "NEW"
+    PARTIALLY_FILLED = "PARTIALLY_FILLED"
+    FILLED = "FILLED"
+    CANCELLED = "CANCELLED"
+    REJECTED = "REJECTED"
+    EXPIRED = "EXPIRED"
+
+
+TERMINAL_STATUSES = frozenset(
+    {OrderStatus.FILLED, OrderStatus.CANCELLED, OrderStatus.REJECTED, OrderStatus.EXPIRED}
+)
+
+
+class RejectReason(enum.Enum):
+    NONE = "NONE"
+    """Not a rejection (the reason field of every non-rejected update)."""
+    UNKNOWN_SYMBOL = "UNKNOWN_SYMBOL"
+    INVALID_PRICE = "INVALID_PRICE"
+    """Non-positive, not a multiple of the tick size, or set on a market order."""
+    INVALID_QUANTITY = "INVALID_QUANTITY"
+    """Non-positive or not a multiple of the lot size."""
+    INVALID_BUDGET = "INVALID_BUDGET"
+    """Market buy without a positive quote budget."""
+    INVALID_EXPIRY = "INVALID_EXPIRY"
+    """GTT without an expiry in the future, or an expiry on a non-GTT order."""
+    INVALID_TIME_IN_FORCE = "INVALID_TIME_IN_FORCE"
+    """E.g. a market order that asks to rest (GTC/GTT)."""
+    INSUFFICIENT_FUNDS = "INSUFFICIENT_FUNDS"
+    DUPLICATE_CLIENT_ORDER_ID = "DUPLICATE_CLIENT_ORDER_ID"
+    """The user already has an open order with this client_order_id."""
+    INVALID_USER = "INVALID_USER"
+    UNKNOWN_ORDER = "UNKNOWN_ORDER"
+    """Cancel of an order that is not open (command result only)."""
+    INVALID_AMOUNT = "INVALID_AMOUNT"
+    """Deposit/withdraw of a non-positive amount (command result only)."""
+    UNKNOWN_ASSET = "UNKNOWN_ASSET"
+    """Deposit/withdraw of an asset no symbol uses (command result only)."""
+
+
+class BalanceReason(enum.Enum):
+    DEPOSIT = "DEPOSIT"
+    WITHDRAW = "WITHDRAW"
+    ORDER_LOCK = "ORDER_LOCK"
+    ORDER_UNLOCK = "ORDER_UNLOCK"
+    """Cancel, expiry, rejection after lock, or the unused rest of a filled order."""
+    TRADE = "TRADE"
+    """Settlement of a trade, net of fees."""
+
+
+class EventType(enum.IntEnum):
+    """Stable numeric codes; they travel in the ZeroMQ frame header."""
+
+    ORDER_UPDATE = 1
+    TRADE = 2
+    BALANCE_UPDATE = 3
+
+
+@dataclass(frozen=True, slots=True)
+class OrderUpdate:
+    """One transition of one order's lifecycle (the full order state after it)."""
+
+    epoch: int
+    """Engine epoch (see module docstring)."""
+    seq: int
+    """Global, gapless sequence number within the epoch."""
+    ts_ns: int
+    """Engine time of the command that caused this event (ns since Unix epoch)."""
+    order_id: int
+    """Engine-assigned, unique per epoch, also for rejected orders."""
+    client_order_id: str
+    """The client's own id; may be empty."""
+    user_id: int
+    symbol: str
+    side: Side
+    order_type: OrderType
+    time_in_force: TimeInForce
+    price: int
+    """Limit price in ticks; 0 for market orders."""
+    qty: int
+    """Ordered quantity in lots; for a market buy with only a budget, 0."""
+    quote_budget: int
+    """Market buy: maximum quote amount to spend; 0 otherwise."""
+    filled_qty: int
+    remaining_qty: int
+    """qty - filled_qty while open; 0 once terminal."""
+    quote_filled: int
+    """Cumulative sum of price * qty over fills: average price is exact."""
+    status: OrderStatus
+    reason: RejectReason
+    last_fill_qty: int
+    """Quantity of the fill that caused this update; 0 if none."""
+    last_fill_price: int
+    trade_id: int
+    """Trade that caused this update; 0 if none."""
+    created_ns: int
+    updated_ns: int
+    expire_ns: int
+    """GTT expiry time; 0 otherwise."""
+
+
+@dataclass(frozen=True, slots=True)
+class Trade:
+    """One match between a resting (maker) and an incoming (taker) order."""
+
+    epoch: int
+    seq: int
+    ts_ns: int
+    trade_id: int
+    symbol: str
+    price: int
+    """The maker's price, in ticks."""
+    qty: int
+    quote_qty: int
+    """price * qty."""
+    taker_side: Side
+    maker_order_id: int
+    taker_order_id: int
+    maker_user_id: int
+    taker_user_id: int
+    maker_fee: int
+    """Charged in the asset the maker receives."""
+    taker_fee: int
+    """Charged in the asset the taker receives."""
+
+
+@dataclass(frozen=True, slots=True)
+class BalanceUpdate:
+    """A user's balance of one asset after a change (absolute values: idempotent)."""
+
+    epoch: int
+    seq: int
+    ts_ns: int
+    user_id: int
+    asset: str
+    available: int
+    locked: int
+    delta_available: int
+    delta_locked: int
+    reason: BalanceReason
+    ref_id: int
+    """order_id or trade_id that caused the change; 0 for deposit/withdraw."""
+
+
+Event: TypeAlias = OrderUpdate | Trade | BalanceUpdate

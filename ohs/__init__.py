@@ -1,0 +1,1 @@
+"""The ``ohs`` command line: one entry point over every package's commands."""

@@ -1,0 +1,54 @@
+"""Readiness checks: a server is up when a real client can really use it."""
+
+from __future__ import annotations
+
+import logging
+
+from stack.settings import StackSettings
+
+__all__ = ["cassandra_ready", "kafka_ready"]
+
+HEALTH_TOPIC = "__ohs_health"
+
+
+def kafka_ready(s: StackSettings, timeout_s: float = 5.0) -> str | None:
+    """None when the broker answers metadata and can create a topic; else why not."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+    # log_level 0: the refused connections while the broker boots are expected, not news.
+    admin = AdminClient(
+        {"bootstrap.servers": s.kafka_bootstrap, "socket.timeout.ms": int(timeout_s * 1000), "log_level": 0}
+    )
+    try:
+        metadata = admin.list_topics(timeout=timeout_s)
+        if not metadata.brokers:
+            return "no broker in metadata yet"
+        if HEALTH_TOPIC not in metadata.topics:
+            futures = admin.create_topics([NewTopic(HEALTH_TOPIC, 1, 1)], operation_timeout=timeout_s)
+            futures[HEALTH_TOPIC].result(timeout=timeout_s)
+    except KafkaException as exc:
+        err = exc.args[0] if exc.args else exc
+        if getattr(err, "name", lambda: "")() == "TOPIC_ALREADY_EXISTS":
+            return None
+        return str(err)
+    except Exception as exc:
+        return str(exc)
+    return None
+
+
+def cassandra_ready(s: StackSettings, timeout_s: float = 5.0) -> str | None:
+    """None when ``SELECT release_version FROM system.local`` answers; else why not."""
+    from cassandra.cluster import Cluster
+
+    # The driver logs every refused connection at WARNING while the node boots.
+    logging.getLogger("cassandra").setLevel(logging.CRITICAL)
+    cluster = Cluster([s.host], port=s.cql_port, connect_timeout=timeout_s, protocol_version=5)
+    try:
+        session = cluster.connect()
+        row = session.execute("SELECT release_version FROM system.local", timeout=timeout_s).one()
+        return None if row and row.release_version else "no release_version"
+    except Exception as exc:
+        return str(exc).splitlines()[0][:200]
+    finally:
+        cluster.shutdown()

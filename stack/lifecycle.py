@@ -1,0 +1,140 @@
+"""``up``, ``down``, ``status`` and ``reset`` of the local stack.
+
+``up`` is idempotent: a server whose recorded process is alive is left alone
+(and only checked for readiness), so running it twice, or from every test
+session, is harmless. Both servers boot concurrently: Cassandra's ~40 s start
+dominates, Kafka's few seconds hide inside it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from stack.errors import StackError
+from stack.fetch import ensure_dist
+from stack.health import cassandra_ready, kafka_ready
+from stack.process import ManagedProcess, port_in_use, tail
+from stack.servers import ServerSpec, cassandra_spec, kafka_spec
+from stack.settings import StackSettings
+
+__all__ = ["ServerStatus", "down", "reset", "status", "up"]
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerStatus:
+    name: str
+    pid: int | None
+    ready_error: str | None
+    """None when the server passed its readiness check."""
+    endpoint: str
+    log_file: str
+
+
+def _process(s: StackSettings, name: str) -> ManagedProcess:
+    return ManagedProcess(name, s.state_dir / f"{name}.pid", s.state_dir / name / "console.log")
+
+
+def _check(s: StackSettings, name: str) -> str | None:
+    return kafka_ready(s) if name == "kafka" else cassandra_ready(s)
+
+
+def _endpoint(s: StackSettings, name: str) -> str:
+    return s.kafka_bootstrap if name == "kafka" else f"{s.host}:{s.cql_port}"
+
+
+def up(s: StackSettings, log: Log = print) -> dict[str, float]:
+    """Fetch (once), start and wait for both servers. Returns timings in seconds."""
+    t0 = time.monotonic()
+    s.state_dir.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(2) as pool:
+        kafka_lib_f = pool.submit(ensure_dist, s.cache_dir, "kafka", s.kafka_version, log)
+        cass_lib_f = pool.submit(ensure_dist, s.cache_dir, "cassandra", s.cassandra_version, log)
+        libs = {"kafka": kafka_lib_f.result(), "cassandra": cass_lib_f.result()}
+    timings = {"fetch_s": time.monotonic() - t0}
+
+    specs: dict[str, ServerSpec] = {}
+    for name in ("kafka", "cassandra"):
+        proc = _process(s, name)
+        if proc.alive():
+            log(f"{name}: already running (pid {proc.pid()})")
+            continue
+        spec = kafka_spec(s, libs[name]) if name == "kafka" else cassandra_spec(s, libs[name])
+        taken = [p for p in spec.ports if port_in_use(s.host, p)]
+        if taken:
+            raise StackError(
+                f"{name} cannot start: port(s) {taken} on {s.host} are in use by another process "
+                f"(not one this stack started). Stop it, or choose other ports "
+                f"(OHS_KAFKA_PORT, OHS_KAFKA_CONTROLLER_PORT, OHS_CQL_PORT, OHS_CASSANDRA_STORAGE_PORT, "
+                f"OHS_CASSANDRA_JMX_PORT)."
+            )
+        pid = proc.start(spec.argv, cwd=spec.home)
+        specs[name] = spec
+        log(f"{name}: started pid {pid}; log {spec.log_file} (console {proc.log_file})")
+
+    start = time.monotonic()
+    pending = ["kafka", "cassandra"]
+    deadline = start + s.start_timeout_s
+    last_error: dict[str, str | None] = {}
+    while pending:
+        for name in list(pending):
+            proc = _process(s, name)
+            if not proc.alive():
+                log_file = specs[name].log_file if name in specs else proc.log_file
+                raise StackError(
+                    f"{name} exited during startup. Last lines of {log_file}:\n{tail(log_file)}\n"
+                    f"Console ({proc.log_file}):\n{tail(proc.log_file, 15)}"
+                )
+            err = _check(s, name)
+            if err is None:
+                timings[f"{name}_ready_s"] = time.monotonic() - start
+                log(f"{name}: ready at {_endpoint(s, name)} after {timings[f'{name}_ready_s']:.1f}s")
+                pending.remove(name)
+            elif err != last_error.get(name):
+                last_error[name] = err
+        if pending and time.monotonic() > deadline:
+            name = pending[0]
+            log_file = specs[name].log_file if name in specs else _process(s, name).log_file
+            raise StackError(
+                f"{name} not ready after {s.start_timeout_s:.0f}s (last check: {last_error.get(name)}). "
+                f"Last lines of {log_file}:\n{tail(log_file)}"
+            )
+        if pending:
+            time.sleep(1.0)
+    timings["total_s"] = time.monotonic() - t0
+    return timings
+
+
+def down(s: StackSettings, log: Log = print) -> None:
+    """Stop both servers cleanly (SIGTERM lets them flush); SIGKILL only after the timeout."""
+    for name in ("kafka", "cassandra"):
+        proc = _process(s, name)
+        t0 = time.monotonic()
+        if proc.stop(s.stop_timeout_s):
+            log(f"{name}: stopped in {time.monotonic() - t0:.1f}s")
+        else:
+            log(f"{name}: not running")
+
+
+def status(s: StackSettings) -> list[ServerStatus]:
+    out = []
+    for name in ("kafka", "cassandra"):
+        proc = _process(s, name)
+        pid = proc.pid()
+        err = _check(s, name) if pid is not None else "not running"
+        log_file = s.state_dir / name / ("logs/server.log" if name == "kafka" else "logs/system.log")
+        out.append(ServerStatus(name, pid, err, _endpoint(s, name), str(log_file)))
+    return out
+
+
+def reset(s: StackSettings, log: Log = print) -> None:
+    """Stop everything and delete the state dir (all topics, tables and logs)."""
+    down(s, log)
+    if s.state_dir.exists():
+        shutil.rmtree(s.state_dir)
+        log(f"removed {s.state_dir}")
