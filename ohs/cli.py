@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, str] = {
     "smoke": "stack.smoke:smoke",
     "run": "ohs.run:run",
     "bench": "ohs.bench:bench",
+    "config-doc": "ohs.configdoc:config_doc",
 }
 
 

@@ -28,9 +28,7 @@ class StackSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="OHS_", frozen=True, extra="ignore")
 
-    cache: Path = Field(
-        default=Path.home() / ".cache" / "ohs", description="Maven-fetched jars (outside the repo)."
-    )
+    cache: Path = Field(default=Path("~/.cache/ohs"), description="Maven-fetched jars (outside the repo).")
     state: Path = Field(
         default=Path(".ohs"), description="Configs, data, logs and pid files of the local stack."
     )
