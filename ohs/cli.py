@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, str] = {
     "run": "ohs.run:run",
     "bench": "ohs.bench:bench",
     "config-doc": "ohs.configdoc:config_doc",
+    "lag": "streams.lagcmd:lag",
 }
 
 
