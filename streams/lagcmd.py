@@ -29,7 +29,7 @@ def _table(rows: list[PartitionLag]) -> str:
 
 @click.command()
 @click.option("--group", "groups", multiple=True, help="Consumer group (repeatable); default: the worker's.")
-@click.option("--topic", "topics", multiple=True, help="Limit to these topics (default: all the group reads).")
+@click.option("--topic", "topics", multiple=True, help="Only these topics (default: all the group reads).")
 @click.option("--watch", type=float, default=None, help="Refresh every N seconds until Ctrl-C.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document per refresh.")
 @click.option("--max-lag", type=int, default=None, help="Exit 2 if any partition lags more messages.")

@@ -37,7 +37,8 @@ def test_lag_counts_messages_and_age_then_returns_to_zero(stack_endpoints, topic
     assert (row.committed, row.end, row.lag_messages) == (4, 10, 6)
     assert row.lag_seconds >= 1.0
 
-    cmd = [sys.executable, "-m", "ohs.cli", "lag", "--group", group, "--topic", topic, "--json", "--max-lag", "5"]
+    cmd = [sys.executable, "-m", "ohs.cli", "lag", "--group", group, "--topic", topic, "--json"]
+    cmd += ["--max-lag", "5"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=stack_endpoints.env(), check=False)
     assert proc.returncode == 2, proc.stderr
     assert json.loads(proc.stdout)["partitions"][0]["lag_messages"] == 6
