@@ -38,11 +38,12 @@ class PlaceOrder:
     order_type: OrderType
     time_in_force: TimeInForce
     qty: int
-    """Lots. A market buy may give 0 here and a quote_budget instead."""
+    """Lots; positive multiple of the symbol's lot size (market orders too)."""
     price: int = 0
     """Ticks; must be 0 for market orders."""
     quote_budget: int = 0
-    """Market buy only: the most quote it may spend (what gets locked)."""
+    """Market buy only, and required there: the most quote it may spend, which is
+    what gets locked (a market buy has no price to compute a lock from)."""
     client_order_id: str = ""
     expire_ns: int = 0
     """GTT only."""

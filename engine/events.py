@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TypeAlias
 
 __all__ = [
+    "TERMINAL_STATUSES",
     "BalanceReason",
     "BalanceUpdate",
     "Event",
@@ -30,7 +31,6 @@ __all__ = [
     "Side",
     "TimeInForce",
     "Trade",
-    "TERMINAL_STATUSES",
 ]
 
 
@@ -78,7 +78,7 @@ class RejectReason(enum.Enum):
     INVALID_QUANTITY = "INVALID_QUANTITY"
     """Non-positive or not a multiple of the lot size."""
     INVALID_BUDGET = "INVALID_BUDGET"
-    """Market buy without a positive quote budget."""
+    """Market buy without a positive quote budget, or a budget on any other order."""
     INVALID_EXPIRY = "INVALID_EXPIRY"
     """GTT without an expiry in the future, or an expiry on a non-GTT order."""
     INVALID_TIME_IN_FORCE = "INVALID_TIME_IN_FORCE"
@@ -135,7 +135,7 @@ class OrderUpdate:
     price: int
     """Limit price in ticks; 0 for market orders."""
     qty: int
-    """Ordered quantity in lots; for a market buy with only a budget, 0."""
+    """Ordered quantity in lots."""
     quote_budget: int
     """Market buy: maximum quote amount to spend; 0 otherwise."""
     filled_qty: int

@@ -16,7 +16,7 @@ from typing import Protocol
 from engine.commands import Command, CommandResult
 from engine.events import OrderUpdate
 
-__all__ = ["Balance", "MatchingCore", "SymbolSpec", "EngineError"]
+__all__ = ["Balance", "EngineError", "MatchingCore", "SymbolSpec"]
 
 
 class EngineError(Exception):
