@@ -93,6 +93,8 @@ class RejectReason(enum.Enum):
     """Deposit/withdraw of a non-positive amount (command result only)."""
     UNKNOWN_ASSET = "UNKNOWN_ASSET"
     """Deposit/withdraw of an asset no symbol uses (command result only)."""
+    OTHER = "OTHER"
+    """Never emitted: what a reader with an older schema sees for a newer reason."""
 
 
 class BalanceReason(enum.Enum):
@@ -103,6 +105,8 @@ class BalanceReason(enum.Enum):
     """Cancel, expiry, rejection after lock, or the unused rest of a filled order."""
     TRADE = "TRADE"
     """Settlement of a trade, net of fees."""
+    OTHER = "OTHER"
+    """Never emitted: what a reader with an older schema sees for a newer reason."""
 
 
 class EventType(enum.IntEnum):
