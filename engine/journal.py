@@ -120,8 +120,19 @@ def command_from_dict(data: dict[str, Any]) -> Command:
     return result
 
 
+_EVENT_LAYOUT: dict[type[Any], tuple[str, tuple[str, ...], frozenset[str]]] = {
+    cls: (
+        tag,
+        tuple(f.name for f in fields(cls)),
+        frozenset(f.name for f in fields(cls) if f.name in _ENUM_FIELDS or f.name == "reason"),
+    )
+    for tag, cls in _EVENTS.items()
+}
+
+
 def _event_to_list(ev: Event) -> list[Any]:
-    return [_EVENT_TAGS[type(ev)], *(_plain(getattr(ev, f.name)) for f in fields(ev))]
+    tag, names, enums = _EVENT_LAYOUT[type(ev)]
+    return [tag, *(getattr(ev, n).value if n in enums else getattr(ev, n) for n in names)]
 
 
 def _event_from_list(row: list[Any]) -> Event:

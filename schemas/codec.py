@@ -113,6 +113,7 @@ _ENCODERS = {
         _READERS[name],
         _HEADER.pack(MAGIC, _CURRENT_FP[name]),
         tuple(f.name for f in fields(cls)),
+        frozenset(f.name for f in fields(cls) if f.name in _ENUMS or f.name == "reason"),
     )
     for name, cls in _CLASSES.items()
 }
@@ -120,11 +121,8 @@ _ENCODERS = {
 
 def encode(event: Event) -> bytes:
     """Single-object encoding of one event with the current schema."""
-    schema, header, names = _ENCODERS[type(event)]
-    record = {}
-    for name in names:
-        value = getattr(event, name)
-        record[name] = value.value if isinstance(value, enum.Enum) else value
+    schema, header, names, enums = _ENCODERS[type(event)]
+    record = {n: (getattr(event, n).value if n in enums else getattr(event, n)) for n in names}
     buf = io.BytesIO()
     buf.write(header)
     schemaless_writer(buf, schema, record)
