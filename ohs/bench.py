@@ -41,7 +41,8 @@ def _median_of(runs: int, fn: Callable[[], float]) -> tuple[float, list[float]]:
 
 def _print(title: str, figures: list[Figure], as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps({"bench": title, "machine": _machine(), "figures": [asdict(f) for f in figures]}))
+        doc = {"bench": title, "machine": _machine(), "figures": [asdict(f) for f in figures]}
+        click.echo(json.dumps(doc))
         return
     by_name = {f.name: f for f in figures}
     click.echo(f"== {title}  ({_machine()['summary']})")
@@ -62,7 +63,7 @@ def _machine() -> dict[str, str]:
 def _drain(endpoint: str, ready: Any, stop: Any) -> None:
     import zmq
 
-    pull = zmq.Context.instance().socket(zmq.PULL)
+    pull: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PULL)
     pull.connect(endpoint)
     while not stop.is_set():
         if pull.poll(100):
@@ -82,6 +83,7 @@ def bench() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def bench_engine(n: int, runs: int, as_json: bool) -> None:
     """Commands/s of the pure core, and of core + journal + ZMQ feed (a PULL peer draining)."""
+    from engine.commands import PlaceOrder
     from engine.core import Engine
     from engine.service import EngineService
     from engine.settings import EngineSettings
@@ -94,7 +96,6 @@ def bench_engine(n: int, runs: int, as_json: bool) -> None:
         gen = FlowGenerator(specs, 1000, seed=1)
         cmds = [replace(c, ts_ns=1) for c in gen.deposits()]
         ts = 1
-        # Order ids are assigned in command order, so the generator can learn them without results.
         engine = Engine(specs, 1)
         for c in cmds:
             engine.execute(c)
@@ -102,8 +103,8 @@ def bench_engine(n: int, runs: int, as_json: bool) -> None:
             ts += 1000
             c = replace(gen.next(ts), ts_ns=ts)
             r = engine.execute(c)
-            if r.accepted and type(c).__name__ == "PlaceOrder":
-                gen.record(c.user_id, r.order_id)  # type: ignore[attr-defined]
+            if r.accepted and isinstance(c, PlaceOrder):
+                gen.record(c.user_id, r.order_id)
             cmds.append(c)
         return cmds
 
@@ -147,14 +148,15 @@ def bench_engine(n: int, runs: int, as_json: bool) -> None:
             service.close()
             return rate
 
+    CORE = "core commands/s (pure, one process)"
     core_med, core_runs = _median_of(runs, core)
     full_med, full_runs = _median_of(runs, full)
     _print(
         f"engine: {len(commands):,} commands -> {events_per_run:,} events",
         [
-            Figure("core commands/s (pure, one process)", core_med, "cmd/s", core_runs),
+            Figure(CORE, core_med, "cmd/s", core_runs),
             Figure("core events/s", core_med * events_per_run / len(commands), "ev/s"),
-            Figure("core+journal+feed commands/s", full_med, "cmd/s", full_runs, "core commands/s (pure, one process)"),
+            Figure("core+journal+feed commands/s", full_med, "cmd/s", full_runs, CORE),
         ],
         as_json,
     )

@@ -1,0 +1,3 @@
+from bridge.cli import bridge
+
+bridge()

@@ -1,0 +1,34 @@
+"""``ohs bridge``: run the bridge until SIGTERM (then flush and checkpoint)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import click
+
+__all__ = ["bridge"]
+
+
+@click.command()
+def bridge() -> None:
+    """Relay the engine's ZeroMQ feed into Kafka (Avro, keyed by user_id), with no seq lost."""
+    from prometheus_client import start_http_server
+
+    from bridge.service import Bridge
+    from bridge.settings import BridgeSettings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = BridgeSettings()
+    stop = {"requested": False}
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop["requested"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr="127.0.0.1")
+    b = Bridge(settings)
+    click.echo(f"bridge: {settings.feed_endpoint} -> {settings.kafka_bootstrap}", err=True)
+    b.run(lambda: stop["requested"])
