@@ -160,3 +160,156 @@ def bench_engine(n: int, runs: int, as_json: bool) -> None:
         ],
         as_json,
     )
+
+
+def _engine_events(n: int) -> list[Any]:
+    """At least ``n`` events from the real engine running the simulator's seeded flow."""
+    from engine.core import Engine
+    from engine.settings import EngineSettings
+    from engine.simulator import FlowGenerator
+
+    specs = EngineSettings(_env_file=None).symbol_specs()  # type: ignore[call-arg]
+    gen = FlowGenerator(specs, 1000, seed=1)
+    engine = Engine(specs, epoch=time.time_ns() // 1000)
+    events: list[Any] = []
+    for c in gen.deposits():
+        events.extend(engine.execute(replace(c, ts_ns=1)).events)
+    ts = 1
+    while len(events) < n:
+        ts += 1000
+        c = replace(gen.next(ts), ts_ns=ts)
+        r = engine.execute(c)
+        if r.accepted and type(c).__name__ == "PlaceOrder":
+            gen.record(c.user_id, r.order_id)  # type: ignore[union-attr]
+        events.extend(r.events)
+    return events
+
+
+def _metric(port: int, name: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return 0.0
+
+
+@bench.command("bridge")
+@click.option("--events", "n", default=200_000, show_default=True, help="Events per run.")
+@click.option("--runs", default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_bridge(n: int, runs: int, as_json: bool) -> None:
+    """Events/s from ZMQ to acknowledged in Kafka, beside raw confluent-kafka produce of the same records."""
+    import os
+    import socket
+    import struct
+    import subprocess
+    import sys
+    import uuid
+
+    import zmq
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+    from engine.wire import HEARTBEAT, header_for, pack
+    from schemas.codec import encode
+
+    bootstrap = os.environ.get("OHS_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+    events = _engine_events(n)
+    frames = [(header_for(e), encode(e)) for e in events]
+    epoch, last = events[0].epoch, events[-1].seq
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+
+    def raw() -> float:
+        topic = f"bench.raw.{uuid.uuid4().hex[:8]}"
+        admin.create_topics([NewTopic(topic, 6, 1)])[topic].result(30)
+        producer = Producer(
+            {
+                "bootstrap.servers": bootstrap,
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": 5,
+                "compression.type": "lz4",
+                "batch.size": 1_000_000,
+                "partitioner": "murmur2_random",
+                "queue.buffering.max.messages": 2_000_000,
+            }
+        )
+        t0 = time.perf_counter()
+        for header, payload in frames:
+            key = str(struct.unpack_from(">Q", header, 20)[0]).encode()
+            while True:
+                try:
+                    producer.produce(topic, payload, key)
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+            producer.poll(0)
+        producer.flush(120)
+        return len(frames) / (time.perf_counter() - t0)
+
+    def bridge_run() -> float:
+        tag = uuid.uuid4().hex[:8]
+        ports = []
+        for _ in range(3):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                ports.append(s.getsockname()[1])
+        feed, replay, metrics = f"tcp://127.0.0.1:{ports[0]}", f"tcp://127.0.0.1:{ports[1]}", ports[2]
+        ctx = zmq.Context.instance()
+        push = ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.SNDHWM, 0)
+        push.bind(feed)
+        router = ctx.socket(zmq.ROUTER)
+        router.bind(replay)
+        env = {
+            **os.environ,
+            "OHS_BRIDGE_FEED_ENDPOINT": feed,
+            "OHS_BRIDGE_REPLAY_ENDPOINT": replay,
+            "OHS_BRIDGE_METRICS_PORT": str(metrics),
+            "OHS_BRIDGE_BRIDGE_ID": f"bench-{tag}",
+            **{f"OHS_BRIDGE_TOPIC_{k}": f"bench.{k.lower()}.{tag}" for k in
+               ("UPDATES", "TRADES", "BALANCES", "DLQ", "CHECKPOINT")},
+        }  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ohs.cli", "bridge"], env=env, stderr=subprocess.DEVNULL
+        )
+        try:
+            # Until the bridge adopts the epoch (it asks INFO), keep sending heartbeats; answer INFO.
+            while True:
+                push.send_multipart([pack(HEARTBEAT, epoch, 0), b""])
+                if router.poll(100):
+                    ident, *req = router.recv_multipart()
+                    if req == [b"INFO"]:
+                        router.send_multipart([ident, b"INFO", struct.pack(">QQ", epoch, 0)])
+                        break
+            time.sleep(0.5)
+            t0 = time.perf_counter()
+            for header, payload in frames:
+                push.send_multipart((header, payload), copy=False)
+            while _metric(metrics, "ohs_bridge_watermark") < last:
+                time.sleep(0.05)
+            return len(frames) / (time.perf_counter() - t0)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+            push.close(linger=0)
+            router.close(linger=0)
+
+    raw_med, raw_runs = _median_of(runs, raw)
+    br_med, br_runs = _median_of(runs, bridge_run)
+    _print(
+        f"bridge: {len(frames):,} events of the engine's seeded flow, Kafka at {bootstrap}",
+        [
+            Figure("raw confluent-kafka produce (same records)", raw_med, "ev/s", raw_runs),
+            Figure(
+                "bridge ZMQ -> acked in Kafka",
+                br_med,
+                "ev/s",
+                br_runs,
+                "raw confluent-kafka produce (same records)",
+            ),
+        ],
+        as_json,
+    )
