@@ -257,7 +257,7 @@ def bench_bridge(n: int, runs: int, as_json: bool) -> None:
                 s.bind(("127.0.0.1", 0))
                 ports.append(s.getsockname()[1])
         feed, replay, metrics = f"tcp://127.0.0.1:{ports[0]}", f"tcp://127.0.0.1:{ports[1]}", ports[2]
-        ctx = zmq.Context.instance()
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         push = ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.SNDHWM, 0)
         push.bind(feed)
