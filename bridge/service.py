@@ -31,7 +31,7 @@ from bridge.metrics import M
 from bridge.settings import BridgeSettings
 from bridge.tracker import Hole, SeqTracker
 from engine.events import EventType, OrderUpdate, Trade
-from engine.wire import HEARTBEAT, WireError, unpack
+from engine.wire import HEARTBEAT, WireError, WireHeader, unpack
 from schemas.codec import CodecError, decode
 
 __all__ = ["Bridge"]
@@ -135,23 +135,25 @@ class Bridge:
         tracker = self._tracker_for(h.epoch)
         if h.epoch != tracker.epoch:
             return  # an event of an epoch we have left (a stale replay): already handled or moot
-        if not tracker.offer(h.seq):
+        if tracker.is_duplicate(h.seq):
             M.duplicates.inc()
             return
         if replayed:
             M.replayed.inc()
+        for ready in tracker.offer(h.seq, (h, payload)):
+            self._produce_event(tracker, *ready)  # type: ignore[misc]
+
+    def _produce_event(self, tracker: SeqTracker, h: WireHeader, payload: bytes) -> None:
         headers = [("epoch", str(h.epoch).encode()), ("seq", str(h.seq).encode())]
         topic = self._topics[EventType(h.type)]
         keys = [h.key_user_id]
         if h.type == EventType.TRADE and h.key_user_id_2 != h.key_user_id:
             keys.append(h.key_user_id_2)  # each side's partition gets the trade
         tracker.expect(h.seq, len(keys))
-        sent_at = time.monotonic()
+        on_ack = self._on_ack(h.epoch, h.seq, time.monotonic())
         for i, key in enumerate(keys):
             side = [("side", b"taker" if i == 0 else b"maker")] if h.type == EventType.TRADE else []
-            self._produce(
-                topic, str(key).encode(), payload, headers + side, self._on_ack(h.epoch, h.seq, sent_at)
-            )
+            self._produce(topic, str(key).encode(), payload, headers + side, on_ack)
         M.produced.labels(topic).inc(len(keys))
 
     def _engine_confirms(self, epoch: int) -> bool:

@@ -3,8 +3,11 @@
 Pure logic, no I/O. Two frontiers per epoch:
 
 * ``received``: the highest seq R such that every seq <= R has been handed to
-  the producer. Seqs above R that arrived early sit in ``pending``; a seq at
-  or below R, or in ``pending``, is a duplicate and is dropped.
+  the producer, *in seq order*. Seqs above R that arrive early wait in
+  ``pending`` (with their payload) until the hole below them is filled, so
+  every partition of every topic holds a user's events in seq order: the
+  worker can then treat any seq at or below a user's last applied seq as a
+  duplicate. A seq at or below R, or already pending, is a duplicate.
 * ``watermark``: the highest seq W such that every seq <= W has been
   *acknowledged* by Kafka (all of its records: a Trade is two). W never
   passes an unconfirmed seq; it is what the bridge checkpoints, and what a
@@ -38,7 +41,10 @@ class SeqTracker:
     received: int = -1
     engine_last: int = 0
     """Highest seq the engine said it has (heartbeats, events)."""
-    pending: set[int] = field(default_factory=set)
+    pending: dict[int, object] = field(default_factory=dict)
+    """Early seqs and their payloads, held back until the hole below them closes."""
+    max_pending: int = 100_000
+    """Beyond this many early seqs, new ones are dropped: the replay brings them again."""
     _acked_above: set[int] = field(default_factory=set)
     _outstanding: dict[int, int] = field(default_factory=dict)
     """seq -> records still awaiting acknowledgement."""
@@ -52,20 +58,25 @@ class SeqTracker:
             self.received = self.watermark
 
     # ------------------------------------------------------------------ intake
-    def offer(self, seq: int) -> bool:
-        """True if ``seq`` is new and should be produced; False for a duplicate."""
-        if seq <= self.received or seq in self.pending:
-            return False
+    def offer(self, seq: int, item: object) -> list[object]:
+        """The items now ready to produce, in seq order (empty for a duplicate or an early seq)."""
         if seq > self.engine_last:
             self.engine_last = seq
-        if seq == self.received + 1:
-            self.received = seq
-            while self.received + 1 in self.pending:
-                self.received += 1
-                self.pending.remove(self.received)
-        else:
-            self.pending.add(seq)
-        return True
+        if seq <= self.received or seq in self.pending:
+            return []
+        if seq != self.received + 1:
+            if len(self.pending) < self.max_pending:
+                self.pending[seq] = item
+            return []
+        ready = [item]
+        self.received = seq
+        while self.received + 1 in self.pending:
+            self.received += 1
+            ready.append(self.pending.pop(self.received))
+        return ready
+
+    def is_duplicate(self, seq: int) -> bool:
+        return seq <= self.received or seq in self.pending
 
     def heartbeat(self, last_seq: int) -> None:
         if last_seq > self.engine_last:

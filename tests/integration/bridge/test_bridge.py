@@ -64,6 +64,17 @@ def _assert_log_matches_journal(p: Pipeline, bootstrap: str, last_seq: int) -> l
             p.topics["updates"] if isinstance(ev, OrderUpdate) else
             p.topics["trades"] if isinstance(ev, Trade) else p.topics["balances"]
         )  # fmt: skip
+    # Per partition, seqs only go up, except re-sends of seqs already there (after a kill -9):
+    # the worker relies on this to treat "seq <= last applied" as a duplicate.
+    by_partition = {}
+    for r in records:
+        by_partition.setdefault((r.topic(), r.partition()), []).append(r)
+    for rs in by_partition.values():
+        rs.sort(key=lambda r: r.offset())
+        high, seen = 0, set()
+        for seq in seqs_of(rs):
+            assert seq > high or seq in seen, f"seq {seq} arrived after {high} without being a re-send"
+            high, seen = max(high, seq), seen | {seq}
     trades = [r for r in records if r.topic() == p.topics["trades"]]
     per_trade = {}
     for r in trades:
