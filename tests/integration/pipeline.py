@@ -158,9 +158,7 @@ class Pipeline:
         return last
 
 
-def read_topics(
-    bootstrap: str, topics: list[str], until: callable | None = None, timeout: float = 60.0
-) -> Iterator:  # type: ignore[valid-type]
+def read_topics(bootstrap: str, topics: list[str], until: callable | None = None, timeout: float = 60.0) -> Iterator:  # type: ignore[valid-type]
     """Every record of ``topics`` from the beginning, until ``until(records)`` or the timeout."""
     consumer = Consumer(
         {

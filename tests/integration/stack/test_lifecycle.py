@@ -62,9 +62,7 @@ def test_data_survives_down_up_and_up_is_idempotent(private):
 
     cluster = Cluster(["127.0.0.1"], port=private.cql_port, protocol_version=5)
     session = cluster.connect()
-    session.execute(
-        "CREATE KEYSPACE dur WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}"
-    )
+    session.execute("CREATE KEYSPACE dur WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}")
     session.execute("CREATE TABLE dur.t (k int PRIMARY KEY, v text)")
     for i in range(20):
         session.execute("INSERT INTO dur.t (k, v) VALUES (%s, %s)", (i, f"v{i}"))

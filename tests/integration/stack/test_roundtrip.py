@@ -16,9 +16,7 @@ def test_kafka_produce_consume_commit(stack_endpoints, topic_factory):
     sent = {f"user-{i}".encode(): f"value-{i}".encode() for i in range(30)}
     delivered = []
     for key, value in sent.items():
-        producer.produce(
-            topic, value=value, key=key, on_delivery=lambda err, msg: delivered.append((err, msg))
-        )
+        producer.produce(topic, value=value, key=key, on_delivery=lambda err, msg: delivered.append((err, msg)))
     assert producer.flush(30) == 0
     assert all(err is None for err, _ in delivered) and len(delivered) == 30
 

@@ -167,8 +167,7 @@ def test_failed_orders_leave_balances_untouched(ex):
     ex.do(CancelOrder, ALICE, client_order_id="x")
     assert ex.bal(ALICE) == before
     assert not any(
-        isinstance(e, BalanceUpdate) and e.reason is BalanceReason.ORDER_LOCK and e.locked > 10
-        for e in ex.events
+        isinstance(e, BalanceUpdate) and e.reason is BalanceReason.ORDER_LOCK and e.locked > 10 for e in ex.events
     )
 
 
@@ -219,9 +218,7 @@ def test_market_buy_spends_within_budget_and_returns_the_rest(ex):
 
 
 def test_fees_are_floored_and_credited_to_the_fee_account():
-    engine = Engine(
-        [SymbolSpec("BTC-USD", "BTC", "USD")], epoch=1, maker_fee_bps=10, taker_fee_bps=25, fee_account=99
-    )
+    engine = Engine([SymbolSpec("BTC-USD", "BTC", "USD")], epoch=1, maker_fee_bps=10, taker_fee_bps=25, fee_account=99)
     engine.execute(Deposit(1, ALICE, "USD", 100_000))
     engine.execute(Deposit(2, BOB, "BTC", 1_000))
     engine.execute(PlaceOrder(3, BOB, "BTC-USD", SELL, LIMIT, GTC, 399, 101))

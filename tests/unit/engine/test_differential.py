@@ -17,12 +17,8 @@ from engine.events import OrderType, Side, TimeInForce
 from engine.interfaces import SymbolSpec
 from engine.reference import ReferenceEngine
 
-settings.register_profile(
-    "default", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
-settings.register_profile(
-    "long", max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+settings.register_profile("default", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 SYMBOLS = [SymbolSpec("BTC-USD", "BTC", "USD", tick_size=5, lot_size=2), SymbolSpec("ETH-USD", "ETH", "USD")]

@@ -23,9 +23,7 @@ def _commands(n: int):
     for i in range(n):
         # user 1 holds USD and buys, user 2 holds BTC and sells: prices overlap, so they trade.
         side, user = (Side.BUY, 1) if i % 2 else (Side.SELL, 2)
-        yield PlaceOrder(
-            10 + i, user, "BTC-USD", side, OrderType.LIMIT, TimeInForce.GTC, 1 + i % 5, 100 + i % 7
-        )
+        yield PlaceOrder(10 + i, user, "BTC-USD", side, OrderType.LIMIT, TimeInForce.GTC, 1 + i % 5, 100 + i % 7)
         if i % 5 == 0:
             yield CancelOrder(10 + i, user, order_id=i // 2 + 1)
 

@@ -76,9 +76,7 @@ SAMPLES = {
         0,
     ),
     "Trade": Trade(7, 43, 1, 3, "BTC-USD", 100, 4, 400, Side.SELL, 9, 10, 1001, 1002, 1, 0),
-    "BalanceUpdate": BalanceUpdate(
-        7, 44, 1, 1001, "USD", 9_000, 600, -1000, 1000, BalanceReason.ORDER_LOCK, 9
-    ),
+    "BalanceUpdate": BalanceUpdate(7, 44, 1, 1001, "USD", 9_000, 600, -1000, 1000, BalanceReason.ORDER_LOCK, 9),
 }
 
 
@@ -144,9 +142,7 @@ def test_an_old_reader_reads_a_newer_writer_with_an_added_field(tmp_path):
     assert fp_new in writers
 
     event = SAMPLES["OrderUpdate"]
-    record = {
-        k: (v.value if hasattr(v, "value") else v) for k, v in codec.decode_dict(encode(event))[1].items()
-    }
+    record = {k: (v.value if hasattr(v, "value") else v) for k, v in codec.decode_dict(encode(event))[1].items()}
     record["venue"] = "other"
     buf = io.BytesIO()
     buf.write(struct.pack("<2sQ", b"\xc3\x01", fp_new))
@@ -168,9 +164,7 @@ def test_a_new_enum_symbol_reads_as_other_for_an_old_reader():
     reason = next(f for f in newer["fields"] if f["name"] == "reason")
     reason["type"]["symbols"].append("INTEREST")
     event = SAMPLES["BalanceUpdate"]
-    record = {
-        k: (v.value if hasattr(v, "value") else v) for k, v in codec.decode_dict(encode(event))[1].items()
-    }
+    record = {k: (v.value if hasattr(v, "value") else v) for k, v in codec.decode_dict(encode(event))[1].items()}
     record["reason"] = "INTEREST"
     buf = io.BytesIO()
     schemaless_writer(buf, parse_schema(newer), record)

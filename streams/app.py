@@ -1,0 +1,121 @@
+"""The Faust worker: ``faust -A streams.app worker -l info``.
+
+One agent consumes ``orders.updates`` in batches (``take_events``), keyed by
+user_id; a table holds each user's state (last applied seq, open orders,
+statistics) and is co-partitioned with the topic (the bridge uses the same
+murmur2 partitioner as Faust's producer, and the table uses it too). Per
+batch: decode and dedupe, write Cassandra (retrying until it succeeds), store
+the users' new state, flush the producer so the state changelog is durable,
+and only then let Faust ack the batch: offsets are never committed for an
+event whose effects and state are not both durable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import faust
+
+from streams.migrate import migrate
+from streams.processor import Processor, Record
+from streams.settings import WorkerSettings
+from streams.sink import CassandraSink, connect
+
+log = logging.getLogger("ohs.worker")
+
+settings = WorkerSettings()
+
+app = faust.App(
+    settings.group,
+    broker=f"kafka://{settings.kafka_bootstrap}",
+    store=settings.store,
+    web_port=settings.web_port,
+    web_host="127.0.0.1",
+    topic_partitions=settings.partitions,
+    topic_replication_factor=1,
+    consumer_auto_offset_reset="earliest",
+    key_serializer="raw",
+    value_serializer="raw",
+)
+
+updates_topic = app.topic(settings.topic_updates, key_type=bytes, value_type=bytes, partitions=settings.partitions)
+dlq_topic = app.topic(settings.topic_dlq, key_type=bytes, value_type=bytes, partitions=1)
+
+users = app.Table(
+    "user-state",
+    default=None,
+    partitions=settings.partitions,
+    key_type=bytes,
+    value_type=bytes,  # JSON of UserState.to_dict(), encoded here (the app's serializers are raw)
+    use_partitioner=True,
+)
+
+_runtime: dict[str, Any] = {}
+
+
+def _load(raw: bytes | None) -> dict[str, Any] | None:
+    return None if raw is None else json.loads(raw)
+
+
+def _processor() -> Processor:
+    proc = _runtime.get("processor")
+    if proc is None:
+        cluster, session = connect(settings)
+        migrate(session, settings)
+        _runtime["cluster"] = cluster
+
+        async def dead_letter(rec: Record, reason: str, detail: str) -> None:
+            headers = {
+                "reason": reason.encode(),
+                "source": b"worker",
+                "detail": detail[:1000].encode(),
+                "topic": rec.topic.encode(),
+                "partition": str(rec.partition).encode(),
+                "offset": str(rec.offset).encode(),
+            }
+            await dlq_topic.send(key=rec.key, value=rec.value, headers=headers)
+            log.warning("dead-lettered %s[%d]@%d: %s %s", rec.topic, rec.partition, rec.offset, reason, detail)
+
+        proc = Processor(
+            CassandraSink(session, settings),
+            dead_letter,
+            retry_initial_s=settings.retry_initial_s,
+            retry_max_s=settings.retry_max_s,
+        )
+        _runtime["processor"] = proc
+    return proc
+
+
+@app.agent(updates_topic, concurrency=1)
+async def apply_updates(stream: Any) -> None:
+    async for events in stream.take_events(settings.batch_size, within=settings.batch_window_s):
+        records = [
+            Record(e.message.key, e.message.value, e.message.topic, e.message.partition, e.message.offset)
+            for e in events
+        ]
+        try:
+            processor = _processor()
+            states = {r.key or b"": _load(users.get(r.key or b"")) for r in records}
+            result, changed = await processor.process(records, states)
+            for key, value in changed.items():
+                users[key] = json.dumps(value, separators=(",", ":")).encode()
+            # The changelog must be durable before these offsets can be committed.
+            await app.producer.flush()
+            log.info(
+                "batch: %d records, %d applied, %d duplicates, %d dead-lettered, write %.3fs, %d retries",
+                len(records),
+                result.applied,
+                result.duplicates,
+                result.dead_lettered,
+                result.write_seconds,
+                result.retries,
+            )
+        except Exception:
+            # Only a bug gets here (the processor retries its own failures). Leaving the loop by
+            # an exception would make take_events ack this batch unwritten, so the process ends
+            # at once instead: offsets stay where they are and a restart redoes the batch.
+            log.critical("unexpected error in the batch loop: exiting without acking", exc_info=True)
+            os._exit(70)

@@ -1,0 +1,216 @@
+"""The idempotent Cassandra/ScyllaDB sink of order updates.
+
+Why re-applying anything converges to the same rows: every statement is
+``USING TIMESTAMP epoch + seq`` of the event that determined the value it
+writes (``docs/architecture.md``: later events always have larger
+timestamps), and one seq always carries the same payload. So a duplicate, a
+replayed event or a whole batch written twice (a crash between the write and
+the offset commit) rewrites identical cells with identical timestamps, and an
+older event arriving after a newer one loses to it cell by cell. A terminal
+status deletes the ``active_orders`` row with a tombstone at its timestamp,
+which an older NEW/PARTIALLY_FILLED (lower timestamp) cannot resurrect.
+Statistics are written as full values, once per (user, symbol) per batch,
+with the timestamp of the last event that changed them. No counters, no list
+appends: those are not idempotent.
+
+All statements are prepared, marked idempotent (so the driver may retry and
+speculatively execute them) and sent concurrently with a bounded window.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from typing import Any
+
+from cassandra import OperationTimedOut, ReadTimeout, Unavailable, WriteTimeout
+from cassandra.cluster import Cluster, NoHostAvailable, Session
+from cassandra.concurrent import execute_concurrent
+from cassandra.query import PreparedStatement
+
+from engine.events import OrderStatus, OrderUpdate
+from streams.errors import SinkError
+from streams.settings import WorkerSettings
+from streams.state import STAT_FIELDS
+
+__all__ = ["CassandraSink", "connect", "write_timestamp"]
+
+_OPEN = (OrderStatus.NEW, OrderStatus.PARTIALLY_FILLED)
+_RETRIABLE = (OperationTimedOut, WriteTimeout, ReadTimeout, Unavailable, NoHostAvailable, ConnectionError)
+_ORDER_COLS = (
+    "client_order_id, symbol, side, order_type, time_in_force, price, qty, quote_budget, filled_qty, "
+    "remaining_qty, quote_filled, status"
+)
+
+
+def write_timestamp(epoch: int, seq: int) -> int:
+    """Cassandra write timestamp (microseconds) of an event: see docs/architecture.md."""
+    return epoch + seq
+
+
+def connect(s: WorkerSettings) -> tuple[Cluster, Session]:
+    cluster = Cluster(s.hosts, port=s.cql_port, protocol_version=5, connect_timeout=10)
+    try:
+        return cluster, cluster.connect()
+    except NoHostAvailable as exc:
+        cluster.shutdown()
+        raise SinkError(f"no Cassandra at {s.hosts}:{s.cql_port}: {exc}", retriable=True) from exc
+
+
+class CassandraSink:
+    def __init__(self, session: Session, s: WorkerSettings, keyspace: str | None = None) -> None:
+        self.session = session
+        self.s = s
+        ks = keyspace or s.keyspace
+        self.concurrency = s.write_concurrency
+
+        def prep(cql: str) -> PreparedStatement:
+            stmt = session.prepare(cql)
+            stmt.is_idempotent = True
+            return stmt
+
+        self.history = prep(
+            f"INSERT INTO {ks}.order_history (user_id, epoch, order_id, {_ORDER_COLS}, reason, created_ns, "
+            "updated_ns, expire_ns, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "USING TIMESTAMP ?"
+        )
+        self.active_upsert = prep(
+            f"INSERT INTO {ks}.active_orders (user_id, epoch, order_id, {_ORDER_COLS}, created_ns, updated_ns, "
+            "expire_ns, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+        )
+        self.active_delete = prep(
+            f"DELETE FROM {ks}.active_orders USING TIMESTAMP ? WHERE user_id = ? AND epoch = ? AND order_id = ?"
+        )
+        self.by_id = prep(
+            f"INSERT INTO {ks}.orders_by_id (epoch, order_id, user_id, symbol, status, filled_qty, remaining_qty, "
+            "quote_filled, updated_ns, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+        )
+        self.stream = prep(
+            f"INSERT INTO {ks}.order_updates_stream (day, bucket, epoch, seq, user_id, order_id, status, ts_ns, "
+            "payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+        )
+        self.events = prep(
+            f"INSERT INTO {ks}.order_events (epoch, order_id, seq, status, filled_qty, last_fill_qty, "
+            "last_fill_price, trade_id, ts_ns, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+        )
+        cols = ", ".join(STAT_FIELDS)
+        marks = ", ".join("?" for _ in STAT_FIELDS)
+        self.stats = prep(
+            f"INSERT INTO {ks}.order_statistics (user_id, symbol, {cols}, last_epoch, last_seq) "
+            f"VALUES (?, ?, {marks}, ?, ?) USING TIMESTAMP ?"
+        )
+
+    def statements(
+        self,
+        applied: Sequence[tuple[OrderUpdate, bytes]],
+        stats: Sequence[tuple[int, str, dict[str, int], tuple[int, int]]],
+    ) -> list[tuple[PreparedStatement, tuple[Any, ...]]]:
+        """Every statement of a batch: rows of each applied event, then one per touched stats row."""
+        out: list[tuple[PreparedStatement, tuple[Any, ...]]] = []
+        buckets = self.s.stream_buckets
+        for ev, payload in applied:
+            ts = write_timestamp(ev.epoch, ev.seq)
+            order = (
+                ev.client_order_id,
+                ev.symbol,
+                ev.side.value,
+                ev.order_type.value,
+                ev.time_in_force.value,
+                ev.price,
+                ev.qty,
+                ev.quote_budget,
+                ev.filled_qty,
+                ev.remaining_qty,
+                ev.quote_filled,
+                ev.status.value,
+            )
+            key = (ev.user_id, ev.epoch, ev.order_id)
+            out.append(
+                (
+                    self.history,
+                    (*key, *order, ev.reason.value, ev.created_ns, ev.updated_ns, ev.expire_ns, ev.seq, ts),
+                )
+            )
+            if ev.status in _OPEN:
+                out.append(
+                    (
+                        self.active_upsert,
+                        (*key, *order, ev.created_ns, ev.updated_ns, ev.expire_ns, ev.seq, ts),
+                    )
+                )
+            else:
+                out.append((self.active_delete, (ts, *key)))
+            out.append(
+                (
+                    self.by_id,
+                    (
+                        ev.epoch,
+                        ev.order_id,
+                        ev.user_id,
+                        ev.symbol,
+                        ev.status.value,
+                        ev.filled_qty,
+                        ev.remaining_qty,
+                        ev.quote_filled,
+                        ev.updated_ns,
+                        ev.seq,
+                        ts,
+                    ),
+                )
+            )
+            day = dt.datetime.fromtimestamp(ev.ts_ns / 1e9, tz=dt.UTC).date()
+            out.append(
+                (
+                    self.stream,
+                    (
+                        day,
+                        ev.seq % buckets,
+                        ev.epoch,
+                        ev.seq,
+                        ev.user_id,
+                        ev.order_id,
+                        ev.status.value,
+                        ev.ts_ns,
+                        payload,
+                        ts,
+                    ),
+                )
+            )
+            out.append(
+                (
+                    self.events,
+                    (
+                        ev.epoch,
+                        ev.order_id,
+                        ev.seq,
+                        ev.status.value,
+                        ev.filled_qty,
+                        ev.last_fill_qty,
+                        ev.last_fill_price,
+                        ev.trade_id,
+                        ev.ts_ns,
+                        payload,
+                        ts,
+                    ),
+                )
+            )
+        for user_id, symbol, values, (epoch, seq) in stats:
+            row = tuple(values.get(f, 0) for f in STAT_FIELDS)
+            out.append((self.stats, (user_id, symbol, *row, epoch, seq, write_timestamp(epoch, seq))))
+        return out
+
+    def write(self, statements: list[tuple[PreparedStatement, tuple[Any, ...]]]) -> None:
+        """Write everything or raise SinkError; safe to call again with the same statements."""
+        if not statements:
+            return
+        try:
+            results = execute_concurrent(
+                self.session, statements, concurrency=self.concurrency, raise_on_first_error=False
+            )
+        except _RETRIABLE as exc:
+            raise SinkError(f"Cassandra unavailable: {exc}", retriable=True) from exc
+        failures = [r.result_or_exc for r in results if not r.success]
+        if failures:
+            first = failures[0]
+            retriable = all(isinstance(f, _RETRIABLE) for f in failures)
+            raise SinkError(f"{len(failures)} of {len(statements)} writes failed, e.g. {first!r}", retriable=retriable)
