@@ -27,9 +27,10 @@ stack-down: venv
 stack-status: venv
 	$(BIN)/ohs stack status
 
-# The main job, end to end on the local stack.
+# The main job, end to end on the local stack: engine simulator -> bridge -> Kafka -> worker -> Cassandra.
 run: stack-up
 	$(BIN)/ohs smoke
+	$(BIN)/ohs run --duration $(DURATION)
 
 # Every test: unit and integration (real Kafka and Cassandra); compose tests skip without Docker.
 test: stack-up

@@ -272,9 +272,7 @@ def bench_bridge(n: int, runs: int, as_json: bool) -> None:
             **{f"OHS_BRIDGE_TOPIC_{k}": f"bench.{k.lower()}.{tag}" for k in
                ("UPDATES", "TRADES", "BALANCES", "DLQ", "CHECKPOINT")},
         }  # fmt: skip
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ohs.cli", "bridge"], env=env, stderr=subprocess.DEVNULL
-        )
+        proc = subprocess.Popen([sys.executable, "-m", "ohs.cli", "bridge"], env=env, stderr=subprocess.DEVNULL)
         try:
             # Until the bridge adopts the epoch (it asks INFO), keep sending heartbeats; answer INFO.
             while True:
