@@ -12,13 +12,9 @@ class _Metrics:
         self.received = Counter("ohs_bridge_received_total", "Feed messages received (events and heartbeats)")
         self.produced = Counter("ohs_bridge_produced_total", "Records handed to the producer", ["topic"])
         self.acked = Counter("ohs_bridge_acked_total", "Records acknowledged by Kafka")
-        self.duplicates = Counter(
-            "ohs_bridge_duplicates_total", "Events dropped at or below what was received"
-        )
+        self.duplicates = Counter("ohs_bridge_duplicates_total", "Events dropped at or below what was received")
         self.gaps = Counter("ohs_bridge_gaps_total", "Holes in the seqs detected")
-        self.replayed = Counter(
-            "ohs_bridge_replayed_total", "Events received from the engine's replay service"
-        )
+        self.replayed = Counter("ohs_bridge_replayed_total", "Events received from the engine's replay service")
         self.dead_lettered = Counter("ohs_bridge_dead_lettered_total", "Inputs sent to the DLQ", ["reason"])
         self.delivery_errors = Counter("ohs_bridge_delivery_errors_total", "Producer errors reported")
         self.watermark = Gauge("ohs_bridge_watermark", "Highest seq with every seq below acknowledged")

@@ -236,15 +236,11 @@ class Bridge:
         tracker = self.tracker
         if tracker is None:
             return
-        hole = tracker.hole_to_request(
-            time.monotonic(), self.s.gap_wait_ms / 1000.0, self.s.replay_timeout_ms / 1000.0
-        )
+        hole = tracker.hole_to_request(time.monotonic(), self.s.gap_wait_ms / 1000.0, self.s.replay_timeout_ms / 1000.0)
         if hole is None:
             return
         M.gaps.inc()
-        log.info(
-            "hole in epoch %d: seqs %d..%d; asking the engine to replay", hole.epoch, hole.first, hole.last
-        )
+        log.info("hole in epoch %d: seqs %d..%d; asking the engine to replay", hole.epoch, hole.first, hole.last)
         self._replay_range(hole)
 
     def _replay_range(self, hole: Hole) -> None:

@@ -16,42 +16,22 @@ class BridgeSettings(BaseSettings):
         validation_alias=AliasChoices("OHS_BRIDGE_KAFKA_BOOTSTRAP", "OHS_KAFKA_BOOTSTRAP"),
         description="Kafka/Redpanda bootstrap servers.",
     )
-    feed_endpoint: str = Field(
-        default="tcp://127.0.0.1:5556", description="Engine feed to PULL from (connect)."
-    )
-    replay_endpoint: str = Field(
-        default="tcp://127.0.0.1:5557", description="Engine replay service (connect)."
-    )
+    feed_endpoint: str = Field(default="tcp://127.0.0.1:5556", description="Engine feed to PULL from (connect).")
+    replay_endpoint: str = Field(default="tcp://127.0.0.1:5557", description="Engine replay service (connect).")
     topic_updates: str = Field(default="orders.updates", description="OrderUpdate topic.")
     topic_trades: str = Field(default="orders.trades", description="Trade topic (one record per side).")
     topic_balances: str = Field(default="balances.updates", description="BalanceUpdate topic.")
-    topic_dlq: str = Field(
-        default="orders.dlq", description="Dead-letter topic for input the bridge cannot relay."
-    )
+    topic_dlq: str = Field(default="orders.dlq", description="Dead-letter topic for input the bridge cannot relay.")
     topic_checkpoint: str = Field(
         default="bridge.watermark", description="Compacted topic holding the acknowledged watermark."
     )
-    partitions: int = Field(
-        default=6, description="Partitions of the event topics when the bridge creates them."
-    )
-    retention_ms: int = Field(
-        default=7 * 24 * 3600 * 1000, description="Retention of the event topics it creates."
-    )
-    max_message_bytes: int = Field(
-        default=1_048_576, description="Larger payloads are dead-lettered as oversized."
-    )
-    gap_wait_ms: int = Field(
-        default=100, description="How long a hole may stay open before a replay is requested."
-    )
-    replay_timeout_ms: int = Field(
-        default=5_000, description="How long to wait for the engine's replay service."
-    )
-    max_in_flight: int = Field(
-        default=200_000, description="Unacknowledged records before the bridge stops reading."
-    )
-    checkpoint_ms: int = Field(
-        default=200, description="How often the watermark is written to the checkpoint topic."
-    )
+    partitions: int = Field(default=6, description="Partitions of the event topics when the bridge creates them.")
+    retention_ms: int = Field(default=7 * 24 * 3600 * 1000, description="Retention of the event topics it creates.")
+    max_message_bytes: int = Field(default=1_048_576, description="Larger payloads are dead-lettered as oversized.")
+    gap_wait_ms: int = Field(default=100, description="How long a hole may stay open before a replay is requested.")
+    replay_timeout_ms: int = Field(default=5_000, description="How long to wait for the engine's replay service.")
+    max_in_flight: int = Field(default=200_000, description="Unacknowledged records before the bridge stops reading.")
+    checkpoint_ms: int = Field(default=200, description="How often the watermark is written to the checkpoint topic.")
     linger_ms: int = Field(default=5, description="Producer linger (batching).")
     compression: str = Field(default="lz4", description="Producer compression codec.")
     metrics_port: int = Field(default=9464, description="Prometheus /metrics port (0 disables).")

@@ -52,15 +52,11 @@ def run() -> None:
 
 @engine.command()
 @click.option("--users", default=1000, show_default=True, help="Simulated users.")
-@click.option(
-    "--symbols", "n_symbols", default=4, show_default=True, help="How many configured symbols to trade."
-)
+@click.option("--symbols", "n_symbols", default=4, show_default=True, help="How many configured symbols to trade.")
 @click.option("--rate", default=20_000.0, show_default=True, help="Commands per second.")
 @click.option("--duration", default=30.0, show_default=True, help="Seconds of order flow.")
 @click.option("--seed", default=1, show_default=True, help="Seed of the command sequence.")
-@click.option(
-    "--linger", default=2.0, show_default=True, help="Keep serving replay/heartbeats this long after."
-)
+@click.option("--linger", default=2.0, show_default=True, help="Keep serving replay/heartbeats this long after.")
 @click.option("--serve", is_flag=True, help="After the flow, keep serving until SIGTERM.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def simulate(

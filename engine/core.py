@@ -140,9 +140,7 @@ class Engine:
 
     def open_orders(self, user_id: int) -> list[OrderUpdate]:
         return [
-            o.last_event
-            for oid, o in sorted(self._open.items())
-            if o.user_id == user_id and o.last_event is not None
+            o.last_event for oid, o in sorted(self._open.items()) if o.user_id == user_id and o.last_event is not None
         ]
 
     def balance(self, user_id: int, asset: str) -> Balance:
@@ -219,9 +217,7 @@ class Engine:
         for user, asset, avail, locked, da, dl in self._ledger.drain():
             self._seq += 1
             self._events.append(
-                BalanceUpdate(
-                    self._epoch, self._seq, self._ts, user, asset, avail, locked, da, dl, reason, ref_id
-                )
+                BalanceUpdate(self._epoch, self._seq, self._ts, user, asset, avail, locked, da, dl, reason, ref_id)
             )
 
     # -------------------------------------------------------------------- place
@@ -270,11 +266,7 @@ class Engine:
         )
         if reason is _R.NONE:
             assert spec is not None
-            need = (
-                c.quote_budget
-                if c.order_type is OrderType.MARKET and buy
-                else (c.price * c.qty if buy else c.qty)
-            )
+            need = c.quote_budget if c.order_type is OrderType.MARKET and buy else (c.price * c.qty if buy else c.qty)
             if self._ledger.available(c.user_id, lock_asset) < need:
                 reason = _R.INSUFFICIENT_FUNDS
         if reason is not _R.NONE:

@@ -247,11 +247,7 @@ class Journal:
 
     def maybe_sync(self) -> None:
         """For ``interval``: fsync if the last one is older than the interval."""
-        if (
-            self.fsync == "interval"
-            and self._dirty
-            and time.monotonic() - self._last_sync >= self._interval_s
-        ):
+        if self.fsync == "interval" and self._dirty and time.monotonic() - self._last_sync >= self._interval_s:
             self.sync()
 
     def close(self) -> None:

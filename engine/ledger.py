@@ -114,6 +114,4 @@ class Ledger:
 
     def snapshot(self) -> list[tuple[int, str, int, int]]:
         """Every non-empty cell, sorted: for state hashes."""
-        return sorted(
-            (u, a, c[0], c[1]) for u, acc in self._accounts.items() for a, c in acc.items() if c[0] or c[1]
-        )
+        return sorted((u, a, c[0], c[1]) for u, acc in self._accounts.items() for a, c in acc.items() if c[0] or c[1])

@@ -159,9 +159,7 @@ class ReferenceEngine:
             if (a1, l1) != (a0, l0):
                 self.seq += 1
                 self.out.append(
-                    BalanceUpdate(
-                        self._epoch, self.seq, self.ts, user, asset, a1, l1, a1 - a0, l1 - l0, reason, ref
-                    )
+                    BalanceUpdate(self._epoch, self.seq, self.ts, user, asset, a1, l1, a1 - a0, l1 - l0, reason, ref)
                 )
 
     def _snap(self, cells: list[tuple[int, str]]) -> dict[tuple[int, str], tuple[int, int]]:
@@ -220,9 +218,7 @@ class ReferenceEngine:
             return RejectReason.INVALID_EXPIRY
         if c.time_in_force is not TimeInForce.GTT and c.expire_ns != 0:
             return RejectReason.INVALID_EXPIRY
-        if c.client_order_id and any(
-            o.user == c.user_id and o.cid == c.client_order_id for o in self.resting
-        ):
+        if c.client_order_id and any(o.user == c.user_id and o.cid == c.client_order_id for o in self.resting):
             return RejectReason.DUPLICATE_CLIENT_ORDER_ID
         return RejectReason.NONE
 
@@ -417,9 +413,7 @@ class ReferenceEngine:
         for (user, asset), (av, lk) in self.bal.items():
             if av < 0 or lk < 0:
                 problems.append(f"user {user} {asset}: negative")
-            need = sum(
-                self._locked_need(o) for o in self.resting if o.user == user and self._lock_asset(o) == asset
-            )
+            need = sum(self._locked_need(o) for o in self.resting if o.user == user and self._lock_asset(o) == asset)
             if lk != need:
                 problems.append(f"user {user} {asset}: locked {lk} != {need}")
         return problems

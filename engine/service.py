@@ -137,9 +137,7 @@ class EngineService:
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.settings.heartbeat_ms / 1000.0
             with contextlib.suppress(zmq.Again):
-                self.feed.send_multipart(
-                    (pack(HEARTBEAT, self.engine.epoch, self.engine.last_seq), b""), zmq.NOBLOCK
-                )
+                self.feed.send_multipart((pack(HEARTBEAT, self.engine.epoch, self.engine.last_seq), b""), zmq.NOBLOCK)
         self.journal.maybe_sync()
 
     def run(self, should_stop: Callable[[], bool]) -> None:

@@ -19,19 +19,11 @@ class EngineSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OHS_ENGINE_", frozen=True, extra="ignore")
 
     journal_dir: Path = Field(default=Path(".ohs/engine/journal"), description="Journal directory.")
-    fsync: Literal["always", "interval", "never"] = Field(
-        default="interval", description="Journal fsync policy."
-    )
-    fsync_interval_ms: int = Field(
-        default=5, description="With fsync=interval: the most a machine crash can lose."
-    )
+    fsync: Literal["always", "interval", "never"] = Field(default="interval", description="Journal fsync policy.")
+    fsync_interval_ms: int = Field(default=5, description="With fsync=interval: the most a machine crash can lose.")
     feed_endpoint: str = Field(default="tcp://127.0.0.1:5556", description="ZMQ PUSH feed (bind).")
-    replay_endpoint: str = Field(
-        default="tcp://127.0.0.1:5557", description="ZMQ ROUTER replay service (bind)."
-    )
-    gateway_endpoint: str = Field(
-        default="tcp://127.0.0.1:5555", description="ZMQ ROUTER command gateway (bind)."
-    )
+    replay_endpoint: str = Field(default="tcp://127.0.0.1:5557", description="ZMQ ROUTER replay service (bind).")
+    gateway_endpoint: str = Field(default="tcp://127.0.0.1:5555", description="ZMQ ROUTER command gateway (bind).")
     heartbeat_ms: int = Field(default=200, description="Feed heartbeat period (carries the last seq).")
     tick_ms: int = Field(default=100, description="AdvanceTime period (GTT expiry granularity).")
     feed_hwm: int = Field(

@@ -74,9 +74,7 @@ class FlowGenerator:
         if r < 0.75:  # good till time, expires within a few seconds
             price = mid - tick * rng.randint(1, 5) if side is BUY else mid + tick * rng.randint(1, 5)
             expire = now_ns + rng.randint(200, 3_000) * 1_000_000
-            return PlaceOrder(
-                0, user, spec.name, side, OrderType.LIMIT, TimeInForce.GTT, qty, price, 0, "", expire
-            )
+            return PlaceOrder(0, user, spec.name, side, OrderType.LIMIT, TimeInForce.GTT, qty, price, 0, "", expire)
         if r < 0.97 and self.placed:  # cancel an earlier order (it may be gone already)
             owner, order_id = self.placed.pop(rng.randrange(len(self.placed)))
             return CancelOrder(0, owner, order_id)

@@ -125,9 +125,9 @@ def run(duration: float, rate: float, users: int, seed: int, forever: bool) -> N
                 raise click.ClickException("the pipeline did not drain within 5 minutes of the flow's end")
     finally:
         for name in ("engine", "bridge", "worker"):
-            proc = procs.get(name)
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+            running = procs.get(name)
+            if running is not None and running.poll() is None:
+                running.send_signal(signal.SIGTERM)
         for name, proc in procs.items():
             try:
                 proc.wait(60)

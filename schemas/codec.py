@@ -145,9 +145,7 @@ def _classify(data: bytes, writer: _Writer) -> str:
     """'truncated' if the bytes are a valid prefix of a record (padding them makes them
     readable), else 'undecodable': only run on the error path."""
     try:
-        schemaless_reader(
-            io.BytesIO(data[_HEADER.size :] + bytes(4096)), writer.parsed, _READERS[writer.name]
-        )
+        schemaless_reader(io.BytesIO(data[_HEADER.size :] + bytes(4096)), writer.parsed, _READERS[writer.name])
     except Exception:
         return "undecodable"
     return "truncated"

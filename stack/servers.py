@@ -108,9 +108,7 @@ def kafka_spec(s: StackSettings, lib: Path) -> ServerSpec:
         "kafka.Kafka",
         str(props),
     ]
-    return ServerSpec(
-        "kafka", home, argv, [s.kafka_port, s.kafka_controller_port], home / "logs" / "server.log"
-    )
+    return ServerSpec("kafka", home, argv, [s.kafka_port, s.kafka_controller_port], home / "logs" / "server.log")
 
 
 def _format_kafka_storage(s: StackSettings, classpath: str, props: Path, log4j: Path) -> None:

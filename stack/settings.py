@@ -29,23 +29,15 @@ class StackSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OHS_", frozen=True, extra="ignore")
 
     cache: Path = Field(default=Path("~/.cache/ohs"), description="Maven-fetched jars (outside the repo).")
-    state: Path = Field(
-        default=Path(".ohs"), description="Configs, data, logs and pid files of the local stack."
-    )
+    state: Path = Field(default=Path(".ohs"), description="Configs, data, logs and pid files of the local stack.")
     host: str = Field(default="127.0.0.1", description="Loopback address every server binds to.")
     kafka_port: int = Field(default=9092, description="Kafka client listener.")
     kafka_controller_port: int = Field(default=9093, description="KRaft controller listener.")
     cql_port: int = Field(default=9042, description="Cassandra native (CQL) port.")
-    cassandra_storage_port: int = Field(
-        default=7000, description="Cassandra inter-node port (bound, unused)."
-    )
+    cassandra_storage_port: int = Field(default=7000, description="Cassandra inter-node port (bound, unused).")
     cassandra_jmx_port: int = Field(default=7199, description="Cassandra local JMX port (nodetool).")
-    kafka_version: str = Field(
-        default="4.1.1", description="Apache Kafka release fetched from Maven Central."
-    )
-    cassandra_version: str = Field(
-        default="5.0.6", description="Apache Cassandra release (5.0.x runs on Java 17)."
-    )
+    kafka_version: str = Field(default="4.1.1", description="Apache Kafka release fetched from Maven Central.")
+    cassandra_version: str = Field(default="5.0.6", description="Apache Cassandra release (5.0.x runs on Java 17).")
     # Two cores are shared by both servers and the Python pipeline: heaps are sized so that
     # GC stays cheap (no swap, short pauses) rather than for throughput of a dedicated box.
     kafka_heap: str = Field(default="1g", description="Kafka -Xmx/-Xms.")

@@ -35,9 +35,7 @@ def smoke() -> None:
     producer.produce(topic, key=b"smoke", value=token.encode())
     if producer.flush(30) != 0:
         raise click.ClickException("Kafka did not acknowledge the smoke record")
-    consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": f"smoke-{token}", "auto.offset.reset": "earliest"}
-    )
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"smoke-{token}", "auto.offset.reset": "earliest"})
     consumer.subscribe([topic])
     deadline = time.monotonic() + 30
     found = False
