@@ -74,10 +74,13 @@ class Pipeline:
         return env
 
     def start(self, name: str, args: list[str], extra_env: dict[str, str] | None = None) -> None:
-        # The child gets its own copy of the descriptor; ours is closed at once.
+        # Each process runs in its own directory (Faust keeps its data dir in its cwd). The child
+        # gets its own copy of the log descriptor; ours is closed at once.
+        cwd = self.workdir / name
+        cwd.mkdir(exist_ok=True)
         with (self.workdir / f"{name}.log").open("ab") as log:
             self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "ohs.cli", *args], env=self.env(extra_env), stdout=log, stderr=log
+                [sys.executable, "-m", "ohs.cli", *args], env=self.env(extra_env), stdout=log, stderr=log, cwd=cwd
             )
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:

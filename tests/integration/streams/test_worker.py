@@ -108,3 +108,43 @@ def test_rows_equal_the_engine_truth_across_a_worker_kill_9(pipeline, cql_sessio
     engine, updates = _truth(p)
     _check_rows(cql_session, p.keyspace, engine, updates)
     p.kill("engine", signal.SIGTERM)
+
+
+def test_every_record_twice_and_two_workers_give_the_same_rows(
+    pipeline, cql_session, stack_endpoints, keyspace_factory
+):
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from tests.integration.pipeline import read_topics, seqs_of
+
+    p = pipeline
+    p.start("engine", ["engine", "run"])
+    client = p.client()
+    p.start("bridge", ["bridge"])
+    p.drive(client, 1_500, seed=21, users=USERS)
+    client.close()
+    final = p.settle()
+    engine, updates = _truth(p)
+    want = {e.seq for e in updates}
+
+    def complete(records):
+        return set(seqs_of(records)) >= want
+
+    records = read_topics(stack_endpoints.kafka_bootstrap, [p.topics["updates"]], until=complete, timeout=120)
+    assert final >= max(want)
+    # A copy of the topic in which every record comes twice, in place (same partition, key, headers).
+    dup = f"orders.updates.dup.{p.tag}"
+    admin = AdminClient({"bootstrap.servers": stack_endpoints.kafka_bootstrap})
+    admin.create_topics([NewTopic(dup, 3, 1)])[dup].result(30)
+    producer = Producer({"bootstrap.servers": stack_endpoints.kafka_bootstrap, "enable.idempotence": True})
+    for r in sorted(records, key=lambda r: (r.partition(), r.offset())):
+        for _ in range(2):
+            producer.produce(dup, r.value(), r.key(), partition=r.partition(), headers=r.headers())
+    assert producer.flush(60) == 0
+
+    ks = keyspace_factory("dup")
+    env = {**_worker_env(p, f"dup-{p.tag}"), "OHS_WORKER_TOPIC_UPDATES": dup, "OHS_KEYSPACE": ks}
+    p.start("worker-a", ["worker"], env)
+    p.start("worker-b", ["worker"], {**env, "OHS_WORKER_WEB_PORT": str(free_port())})
+    _check_rows(cql_session, ks, engine, updates)
