@@ -26,7 +26,7 @@ from typing import Any
 from cassandra import OperationTimedOut, ReadTimeout, Unavailable, WriteTimeout
 from cassandra.cluster import Cluster, NoHostAvailable, Session
 from cassandra.concurrent import execute_concurrent
-from cassandra.query import PreparedStatement
+from cassandra.query import BatchStatement, BatchType, PreparedStatement
 
 from engine.events import OrderStatus, OrderUpdate
 from streams.errors import SinkError
@@ -37,6 +37,10 @@ __all__ = ["CassandraSink", "connect", "write_timestamp"]
 
 _OPEN = (OrderStatus.NEW, OrderStatus.PARTIALLY_FILLED)
 _RETRIABLE = (OperationTimedOut, WriteTimeout, ReadTimeout, Unavailable, NoHostAvailable, ConnectionError)
+_BATCH_MAX = 50
+"""Statements per UNLOGGED batch: large enough to save round trips, small enough for the size limits."""
+Stmt = tuple[tuple[Any, ...], PreparedStatement, tuple[Any, ...]]
+"""(partition group, prepared statement, bound values)."""
 _ORDER_COLS = (
     "client_order_id, symbol, side, order_type, time_in_force, price, qty, quote_budget, filled_qty, "
     "remaining_qty, quote_filled, status"
@@ -104,9 +108,12 @@ class CassandraSink:
         self,
         applied: Sequence[tuple[OrderUpdate, bytes]],
         stats: Sequence[tuple[int, str, dict[str, int], tuple[int, int]]],
-    ) -> list[tuple[PreparedStatement, tuple[Any, ...]]]:
-        """Every statement of a batch: rows of each applied event, then one per touched stats row."""
-        out: list[tuple[PreparedStatement, tuple[Any, ...]]] = []
+    ) -> list[Stmt]:
+        """Every statement of a batch, each with the key of the partition group it belongs to:
+        the user (order_history, active_orders and order_statistics share the user_id token), the
+        order (orders_by_id and order_events share the (epoch, order_id) token) or the stream
+        bucket. ``write`` sends one UNLOGGED batch per group: all on one replica set."""
+        out: list[Stmt] = []
         buckets = self.s.stream_buckets
         for ev, payload in applied:
             ts = write_timestamp(ev.epoch, ev.seq)
@@ -125,8 +132,11 @@ class CassandraSink:
                 ev.status.value,
             )
             key = (ev.user_id, ev.epoch, ev.order_id)
+            user_group = ("u", ev.user_id)
+            order_group = ("o", ev.epoch, ev.order_id)
             out.append(
                 (
+                    user_group,
                     self.history,
                     (*key, *order, ev.reason.value, ev.created_ns, ev.updated_ns, ev.expire_ns, ev.seq, ts),
                 )
@@ -134,14 +144,16 @@ class CassandraSink:
             if ev.status in _OPEN:
                 out.append(
                     (
+                        user_group,
                         self.active_upsert,
                         (*key, *order, ev.created_ns, ev.updated_ns, ev.expire_ns, ev.seq, ts),
                     )
                 )
             else:
-                out.append((self.active_delete, (ts, *key)))
+                out.append((user_group, self.active_delete, (ts, *key)))
             out.append(
                 (
+                    order_group,
                     self.by_id,
                     (
                         ev.epoch,
@@ -161,6 +173,7 @@ class CassandraSink:
             day = dt.datetime.fromtimestamp(ev.ts_ns / 1e9, tz=dt.UTC).date()
             out.append(
                 (
+                    ("s", day, ev.seq % buckets),
                     self.stream,
                     (
                         day,
@@ -178,6 +191,7 @@ class CassandraSink:
             )
             out.append(
                 (
+                    order_group,
                     self.events,
                     (
                         ev.epoch,
@@ -196,16 +210,33 @@ class CassandraSink:
             )
         for user_id, symbol, values, (epoch, seq) in stats:
             row = tuple(values.get(f, 0) for f in STAT_FIELDS)
-            out.append((self.stats, (user_id, symbol, *row, epoch, seq, write_timestamp(epoch, seq))))
+            out.append((("u", user_id), self.stats, (user_id, symbol, *row, epoch, seq, write_timestamp(epoch, seq))))
         return out
 
-    def write(self, statements: list[tuple[PreparedStatement, tuple[Any, ...]]]) -> None:
+    def write(self, statements: list[Stmt]) -> None:
         """Write everything or raise SinkError; safe to call again with the same statements."""
         if not statements:
             return
+        groups: dict[tuple[Any, ...], list[tuple[PreparedStatement, tuple[Any, ...]]]] = {}
+        for group, stmt, params in statements:
+            groups.setdefault(group, []).append((stmt, params))
+        requests: list[tuple[Any, tuple[Any, ...]]] = []
+        for members in groups.values():
+            for i in range(0, len(members), _BATCH_MAX):
+                chunk = members[i : i + _BATCH_MAX]
+                if len(chunk) == 1:
+                    requests.append(chunk[0])
+                    continue
+                # UNLOGGED: every statement of the chunk lives on the same replicas, so the batch
+                # is one round trip, not a distributed batchlog write.
+                batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+                batch.is_idempotent = True
+                for stmt, params in chunk:
+                    batch.add(stmt, params)
+                requests.append((batch, ()))
         try:
             results = execute_concurrent(
-                self.session, statements, concurrency=self.concurrency, raise_on_first_error=False
+                self.session, requests, concurrency=self.concurrency, raise_on_first_error=False
             )
         except _RETRIABLE as exc:
             raise SinkError(f"Cassandra unavailable: {exc}", retriable=True) from exc
@@ -213,4 +244,4 @@ class CassandraSink:
         if failures:
             first = failures[0]
             retriable = all(isinstance(f, _RETRIABLE) for f in failures)
-            raise SinkError(f"{len(failures)} of {len(statements)} writes failed, e.g. {first!r}", retriable=retriable)
+            raise SinkError(f"{len(failures)} of {len(requests)} writes failed, e.g. {first!r}", retriable=retriable)
