@@ -58,6 +58,8 @@ def up(s: StackSettings, log: Log = print) -> dict[str, float]:
         libs = {"kafka": kafka_lib_f.result(), "cassandra": cass_lib_f.result()}
     timings = {"fetch_s": time.monotonic() - t0}
 
+    # Every port of every server is checked before anything starts, so a conflict leaves
+    # nothing half-started behind.
     specs: dict[str, ServerSpec] = {}
     for name in ("kafka", "cassandra"):
         proc = _process(s, name)
@@ -73,8 +75,10 @@ def up(s: StackSettings, log: Log = print) -> dict[str, float]:
                 f"(OHS_KAFKA_PORT, OHS_KAFKA_CONTROLLER_PORT, OHS_CQL_PORT, OHS_CASSANDRA_STORAGE_PORT, "
                 f"OHS_CASSANDRA_JMX_PORT)."
             )
-        pid = proc.start(spec.argv, cwd=spec.home)
         specs[name] = spec
+    for name, spec in specs.items():
+        proc = _process(s, name)
+        pid = proc.start(spec.argv, cwd=spec.home)
         log(f"{name}: started pid {pid}; log {spec.log_file} (console {proc.log_file})")
 
     start = time.monotonic()

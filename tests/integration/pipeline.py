@@ -7,7 +7,6 @@ ports, journal and topic names, and stopped with a real signal.
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,12 +21,7 @@ from engine.client import EngineClient, EngineClientError
 from engine.journal import command_to_dict
 from engine.settings import EngineSettings
 from engine.simulator import FlowGenerator
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.ports import free_port
 
 
 @dataclass

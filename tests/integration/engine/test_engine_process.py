@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -23,14 +22,13 @@ from engine.recovery import recover
 from engine.settings import EngineSettings
 from engine.wire import HEARTBEAT, unpack
 from schemas.codec import decode
+from tests.ports import free_port
 
 pytestmark = pytest.mark.integration
 
 
 def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port()
 
 
 @pytest.fixture

@@ -18,14 +18,13 @@ from stack.errors import StackError
 from stack.lifecycle import down, reset, status, up
 from stack.process import port_in_use
 from stack.settings import StackSettings
+from tests.ports import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port()
 
 
 @pytest.fixture
