@@ -202,3 +202,28 @@ class BalanceUpdate:
 
 
 Event: TypeAlias = OrderUpdate | Trade | BalanceUpdate
+
+
+def enum_fields(cls: type[Event]) -> frozenset[str]:
+    """Names of ``cls``'s fields whose values are enums (serialized by their ``.value``)."""
+    return frozenset(name for name in _field_enums(cls))
+
+
+def event_from_plain(cls: type[Event], values: dict[str, object]) -> Event:
+    """Build an event from plain values (enums given by their ``.value``), as decoders read them."""
+    kw = dict(values)
+    for name, enum_cls in _field_enums(cls).items():
+        kw[name] = enum_cls(kw[name])
+    event: Event = cls(**kw)  # type: ignore[arg-type]
+    return event
+
+
+def _field_enums(cls: type[Event]) -> dict[str, type[enum.Enum]]:
+    common: dict[str, type[enum.Enum]] = {"side": Side, "taker_side": Side, "order_type": OrderType}
+    common.update({"time_in_force": TimeInForce, "status": OrderStatus})
+    if cls is OrderUpdate:
+        common["reason"] = RejectReason
+    elif cls is BalanceUpdate:
+        common["reason"] = BalanceReason
+    names = set(cls.__dataclass_fields__)
+    return {name: enum_cls for name, enum_cls in common.items() if name in names}

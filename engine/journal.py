@@ -39,16 +39,16 @@ from typing import Any
 
 from engine.commands import AdvanceTime, CancelOrder, Command, Deposit, PlaceOrder, Withdraw
 from engine.events import (
-    BalanceReason,
     BalanceUpdate,
     Event,
     OrderStatus,
     OrderType,
     OrderUpdate,
-    RejectReason,
     Side,
     TimeInForce,
     Trade,
+    enum_fields,
+    event_from_plain,
 )
 from engine.interfaces import EngineError, SymbolSpec
 
@@ -121,12 +121,7 @@ def command_from_dict(data: dict[str, Any]) -> Command:
 
 
 _EVENT_LAYOUT: dict[type[Any], tuple[str, tuple[str, ...], frozenset[str]]] = {
-    cls: (
-        tag,
-        tuple(f.name for f in fields(cls)),
-        frozenset(f.name for f in fields(cls) if f.name in _ENUM_FIELDS or f.name == "reason"),
-    )
-    for tag, cls in _EVENTS.items()
+    cls: (tag, tuple(f.name for f in fields(cls)), enum_fields(cls)) for tag, cls in _EVENTS.items()
 }
 
 
@@ -137,16 +132,8 @@ def _event_to_list(ev: Event) -> list[Any]:
 
 def _event_from_list(row: list[Any]) -> Event:
     cls = _EVENTS[row[0]]
-    values = row[1:]
-    names = [f.name for f in fields(cls)]
-    kw = dict(zip(names, values, strict=True))
-    for key, enum_cls in _ENUM_FIELDS.items():
-        if key in kw:
-            kw[key] = enum_cls(kw[key])
-    if "reason" in kw:
-        kw["reason"] = (RejectReason if cls is OrderUpdate else BalanceReason)(kw["reason"])
-    event: Event = cls(**kw)
-    return event
+    names = _EVENT_LAYOUT[cls][1]
+    return event_from_plain(cls, dict(zip(names, row[1:], strict=True)))
 
 
 class Journal:

@@ -14,7 +14,6 @@ is what lets the engine's replay service re-send a range byte-for-byte.
 
 from __future__ import annotations
 
-import enum
 import io
 import json
 import struct
@@ -25,19 +24,7 @@ from typing import Any
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
-from engine.events import (
-    BalanceReason,
-    BalanceUpdate,
-    Event,
-    EventType,
-    OrderStatus,
-    OrderType,
-    OrderUpdate,
-    RejectReason,
-    Side,
-    TimeInForce,
-    Trade,
-)
+from engine.events import BalanceUpdate, Event, EventType, OrderUpdate, Trade, enum_fields, event_from_plain
 
 __all__ = ["MAGIC", "CodecError", "decode", "encode", "event_type_of", "fingerprint_of", "load_schemas"]
 
@@ -66,13 +53,6 @@ _TYPES = {
     "OrderUpdate": EventType.ORDER_UPDATE,
     "Trade": EventType.TRADE,
     "BalanceUpdate": EventType.BALANCE_UPDATE,
-}
-_ENUMS: dict[str, type[enum.Enum]] = {
-    "side": Side,
-    "taker_side": Side,
-    "order_type": OrderType,
-    "time_in_force": TimeInForce,
-    "status": OrderStatus,
 }
 
 
@@ -113,7 +93,7 @@ _ENCODERS = {
         _READERS[name],
         _HEADER.pack(MAGIC, _CURRENT_FP[name]),
         tuple(f.name for f in fields(cls)),
-        frozenset(f.name for f in fields(cls) if f.name in _ENUMS or f.name == "reason"),
+        enum_fields(cls),
     )
     for name, cls in _CLASSES.items()
 }
@@ -175,13 +155,7 @@ def decode_dict(data: bytes) -> tuple[str, dict[str, Any]]:
 def decode(data: bytes) -> Event:
     """The engine event in ``data``; raises CodecError with a reason code on any bad input."""
     name, record = decode_dict(data)
-    cls = _CLASSES[name]
     try:
-        for key, enum_cls in _ENUMS.items():
-            if key in record:
-                record[key] = enum_cls(record[key])
-        if "reason" in record:
-            record["reason"] = (RejectReason if cls is OrderUpdate else BalanceReason)(record["reason"])
-        return cls(**record)
+        return event_from_plain(_CLASSES[name], record)
     except (ValueError, TypeError) as exc:
         raise CodecError("undecodable", f"{name}: {exc}") from exc
