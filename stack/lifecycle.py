@@ -67,13 +67,13 @@ def up(s: StackSettings, log: Log = print) -> dict[str, float]:
             log(f"{name}: already running (pid {proc.pid()})")
             continue
         spec = kafka_spec(s, libs[name]) if name == "kafka" else cassandra_spec(s, libs[name])
-        taken = [p for p in spec.ports if port_in_use(s.host, p)]
+        taken = _taken_ports(s.host, spec.ports)
         if taken:
             raise StackError(
                 f"{name} cannot start: port(s) {taken} on {s.host} are in use by another process "
                 f"(not one this stack started). Stop it, or choose other ports "
                 f"(OHS_KAFKA_PORT, OHS_KAFKA_CONTROLLER_PORT, OHS_CQL_PORT, OHS_CASSANDRA_STORAGE_PORT, "
-                f"OHS_CASSANDRA_JMX_PORT)."
+                f"OHS_CASSANDRA_JMX_PORT).{_holders(taken)}"
             )
         specs[name] = spec
     for name, spec in specs.items():
@@ -112,6 +112,34 @@ def up(s: StackSettings, log: Log = print) -> dict[str, float]:
             time.sleep(1.0)
     timings["total_s"] = time.monotonic() - t0
     return timings
+
+
+def _taken_ports(host: str, ports: list[int], grace_s: float = 20.0) -> list[int]:
+    """Ports still taken after ``grace_s``: a server stopped a moment ago can hold its ports
+    for a few seconds in the kernel after its process is gone."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        taken = [p for p in ports if port_in_use(host, p)]
+        if not taken or time.monotonic() > deadline:
+            return taken
+        time.sleep(0.5)
+
+
+def _holders(ports: list[int]) -> str:
+    """What `ss` says holds the ports, when ss is installed (a hint, never required)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("ss") is None:
+        return ""
+    lines = []
+    for port in ports:
+        out = subprocess.run(
+            ["ss", "-Htanp", f"sport = :{port}"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        if out:
+            lines.append(out)
+    return ("\nHeld by:\n" + "\n".join(lines)) if lines else ""
 
 
 def down(s: StackSettings, log: Log = print) -> None:
