@@ -13,8 +13,7 @@ __all__ = ["bridge"]
 @click.command()
 def bridge() -> None:
     """Relay the engine's ZeroMQ feed into Kafka (Avro, keyed by user_id), with no seq lost."""
-    from prometheus_client import start_http_server
-
+    from bridge.http import serve
     from bridge.service import Bridge
     from bridge.settings import BridgeSettings
 
@@ -27,8 +26,8 @@ def bridge() -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr="127.0.0.1")
     b = Bridge(settings)
+    if settings.metrics_port:
+        serve(settings.metrics_port, b.status)
     click.echo(f"bridge: {settings.feed_endpoint} -> {settings.kafka_bootstrap}", err=True)
     b.run(lambda: stop["requested"])

@@ -65,6 +65,7 @@ class Bridge:
             self.feed.connect(endpoint.strip())
         self._replay: zmq.Socket[bytes] | None = None
         self._last_checkpoint = (0, 0)
+        self._last_loop = time.monotonic()
         self._next_checkpoint = 0.0
 
     # ------------------------------------------------------------------- loop
@@ -73,7 +74,19 @@ class Bridge:
             self.step()
         self.close()
 
+    def status(self) -> dict[str, object]:
+        """For /health: read from another thread, so only plain attribute reads."""
+        tracker = self.tracker
+        return {
+            "last_loop": self._last_loop,
+            "epoch": tracker.epoch if tracker else None,
+            "watermark": tracker.watermark if tracker else None,
+            "engine_seq": tracker.engine_last if tracker else None,
+            "in_flight": tracker.in_flight() if tracker else 0,
+        }
+
     def step(self, poll_ms: int = 50) -> None:
+        self._last_loop = time.monotonic()
         tracker = self.tracker
         if tracker is not None and tracker.in_flight() >= self.s.max_in_flight:
             self.producer.poll(0.05)  # backpressure: wait for acks, read nothing

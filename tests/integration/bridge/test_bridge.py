@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import struct
 import time
+import urllib.request
 
 import pytest
 import zmq
@@ -102,7 +104,8 @@ def test_every_seq_survives_an_engine_kill_9_and_restart(pipeline, stack_endpoin
     p = pipeline
     p.start("engine", ["engine", "run"])
     client = p.client()
-    p.start("bridge", ["bridge"])
+    metrics_port = free_port()
+    p.start("bridge", ["bridge"], {"OHS_BRIDGE_METRICS_PORT": str(metrics_port)})
     p.drive(client, 1_000, seed=4)
     p.kill("engine")
     client.close()
@@ -111,6 +114,10 @@ def test_every_seq_survives_an_engine_kill_9_and_restart(pipeline, stack_endpoin
     last = p.drive(client, 1_000, seed=5)
     client.close()
     _assert_log_matches_journal(p, stack_endpoints.kafka_bootstrap, last)
+    health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/health", timeout=5).read())
+    assert health["status"] == "ok" and health["watermark"] == health["engine_seq"] >= last
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    assert f"ohs_bridge_watermark {float(health['watermark'])}" in metrics
 
 
 GARBAGE = [
