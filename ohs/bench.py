@@ -269,9 +269,11 @@ def bench_bridge(n: int, runs: int, as_json: bool) -> None:
             "OHS_BRIDGE_REPLAY_ENDPOINT": replay,
             "OHS_BRIDGE_METRICS_PORT": str(metrics),
             "OHS_BRIDGE_BRIDGE_ID": f"bench-{tag}",
-            **{f"OHS_BRIDGE_TOPIC_{k}": f"bench.{k.lower()}.{tag}" for k in
-               ("UPDATES", "TRADES", "BALANCES", "DLQ", "CHECKPOINT")},
-        }  # fmt: skip
+            **{
+                f"OHS_BRIDGE_TOPIC_{k}": f"bench.{k.lower()}.{tag}"
+                for k in ("UPDATES", "TRADES", "BALANCES", "DLQ", "CHECKPOINT")
+            },
+        }
         proc = subprocess.Popen([sys.executable, "-m", "ohs.cli", "bridge"], env=env, stderr=subprocess.DEVNULL)
         try:
             # Until the bridge adopts the epoch (it asks INFO), keep sending heartbeats; answer INFO.
@@ -308,6 +310,132 @@ def bench_bridge(n: int, runs: int, as_json: bool) -> None:
                 br_runs,
                 "raw confluent-kafka produce (same records)",
             ),
+        ],
+        as_json,
+    )
+
+
+@bench.command("sink")
+@click.option("--events", "n", default=50_000, show_default=True, help="Order updates per run.")
+@click.option("--runs", default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_sink(n: int, runs: int, as_json: bool) -> None:
+    """Order updates/s from a pre-filled topic into Cassandra by the Faust worker, beside the raw
+    CQL write rate of the same rows by the same driver (no Kafka, no Faust) at its best concurrency."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import uuid
+
+    from cassandra.concurrent import execute_concurrent
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+    from engine.events import OrderUpdate
+    from schemas.codec import encode
+    from streams.migrate import migrate
+    from streams.settings import WorkerSettings
+    from streams.sink import CassandraSink, connect
+    from streams.state import UserState
+
+    s = WorkerSettings()
+    updates = [e for e in _engine_events(n * 3) if isinstance(e, OrderUpdate)][:n]
+    payloads = [(str(e.user_id).encode(), encode(e)) for e in updates]
+    cluster, session = connect(s)
+    admin = AdminClient({"bootstrap.servers": s.kafka_bootstrap})
+
+    def fresh_keyspace() -> str:
+        ks = f"bench_{uuid.uuid4().hex[:8]}"
+        migrate(session, s, ks)
+        return ks
+
+    def raw_at(concurrency: int) -> float:
+        ks = fresh_keyspace()
+        sink = CassandraSink(session, s, ks)
+        states: dict[int, UserState] = {}
+        for e in updates:
+            states.setdefault(e.user_id, UserState()).apply(e)
+        stats = [(u, sym, st.stats[sym], st.stats_version[sym]) for u, st in states.items() for sym in st.stats]
+        stmts = [
+            (stmt, params)
+            for _, stmt, params in sink.statements(list(zip(updates, [p for _, p in payloads], strict=True)), stats)
+        ]
+        t0 = time.perf_counter()
+        execute_concurrent(session, stmts, concurrency=concurrency, raise_on_first_error=True)
+        rate = len(updates) / (time.perf_counter() - t0)
+        session.execute(f"DROP KEYSPACE {ks}", timeout=120)
+        return rate
+
+    def raw() -> float:
+        return max(raw_at(c) for c in (64, 128, 256))
+
+    def worker() -> float:
+        tag = uuid.uuid4().hex[:8]
+        topic = f"bench.sink.{tag}"
+        admin.create_topics([NewTopic(topic, s.partitions, 1)])[topic].result(30)
+        producer = Producer(
+            {
+                "bootstrap.servers": s.kafka_bootstrap,
+                "partitioner": "murmur2_random",
+                "linger.ms": 5,
+                "compression.type": "lz4",
+            }
+        )
+        for key, value in payloads:
+            producer.produce(topic, value, key)
+            producer.poll(0)
+        producer.flush(60)
+        ks = fresh_keyspace()
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            web_port = sock.getsockname()[1]
+        env = {
+            **os.environ,
+            "OHS_WORKER_TOPIC_UPDATES": topic,
+            "OHS_KEYSPACE": ks,
+            "OHS_WORKER_GROUP": f"bench-{tag}",
+            "OHS_WORKER_WEB_PORT": str(web_port),
+        }
+        with tempfile.TemporaryDirectory() as cwd:
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "ohs.cli", "worker"],
+                env=env,
+                cwd=cwd,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                while True:
+                    time.sleep(0.5)
+                    try:
+                        done = session.execute(f"SELECT count(*) FROM {ks}.order_events", timeout=60).one()[0]
+                    except Exception:
+                        continue
+                    if done >= len(updates):
+                        break
+                    if proc.poll() is not None:
+                        raise click.ClickException("the worker exited during the benchmark")
+                rate = len(updates) / (time.perf_counter() - t0)
+            finally:
+                proc.terminate()
+                proc.wait(60)
+        session.execute(f"DROP KEYSPACE {ks}", timeout=120)
+        return rate
+
+    try:
+        raw_med, raw_runs = _median_of(runs, raw)
+        worker_med, worker_runs = _median_of(runs, worker)
+    finally:
+        cluster.shutdown()
+    raw_name = "raw CQL writes of the same rows (best concurrency)"
+    _print(
+        f"sink: {len(updates):,} order updates (6 rows each) from a pre-filled topic",
+        [
+            Figure(raw_name, raw_med, "upd/s", raw_runs),
+            Figure("faust worker topic -> Cassandra (incl. startup)", worker_med, "upd/s", worker_runs, raw_name),
         ],
         as_json,
     )
