@@ -18,7 +18,9 @@ import os
 from typing import Any
 
 import faust
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from streams.metrics import W
 from streams.migrate import migrate
 from streams.processor import Processor, Record
 from streams.settings import WorkerSettings
@@ -77,6 +79,7 @@ def _processor() -> Processor:
                 "offset": str(rec.offset).encode(),
             }
             await dlq_topic.send(key=rec.key, value=rec.value, headers=headers)
+            W.dead_lettered.labels(reason).inc()
             log.warning("dead-lettered %s[%d]@%d: %s %s", rec.topic, rec.partition, rec.offset, reason, detail)
 
         proc = Processor(
@@ -104,6 +107,12 @@ async def apply_updates(stream: Any) -> None:
                 users[key] = json.dumps(value, separators=(",", ":")).encode()
             # The changelog must be durable before these offsets can be committed.
             await app.producer.flush()
+            W.records.inc(len(records))
+            W.applied.inc(result.applied)
+            W.duplicates.inc(result.duplicates)
+            W.retries.inc(result.retries)
+            W.batch_size.observe(len(records))
+            W.write_latency.observe(result.write_seconds)
             log.info(
                 "batch: %d records, %d applied, %d duplicates, %d dead-lettered, write %.3fs, %d retries",
                 len(records),
@@ -119,3 +128,9 @@ async def apply_updates(stream: Any) -> None:
             # at once instead: offsets stay where they are and a restart redoes the batch.
             log.critical("unexpected error in the batch loop: exiting without acking", exc_info=True)
             os._exit(70)
+
+
+@app.page("/metrics")
+async def metrics(web: Any, request: Any) -> Any:
+    """Prometheus exposition of the worker's metrics, on the Faust web port."""
+    return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0])

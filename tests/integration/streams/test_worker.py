@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import time
+import urllib.request
 
 import pytest
 from cassandra import InvalidRequest
@@ -145,6 +146,18 @@ def test_every_record_twice_and_two_workers_give_the_same_rows(
 
     ks = keyspace_factory("dup")
     env = {**_worker_env(p, f"dup-{p.tag}"), "OHS_WORKER_TOPIC_UPDATES": dup, "OHS_KEYSPACE": ks}
+    port_b = free_port()
     p.start("worker-a", ["worker"], env)
-    p.start("worker-b", ["worker"], {**env, "OHS_WORKER_WEB_PORT": str(free_port())})
+    p.start("worker-b", ["worker"], {**env, "OHS_WORKER_WEB_PORT": str(port_b)})
     _check_rows(cql_session, ks, engine, updates)
+    # Each worker counts what it did; together at least every record taken, at least half of them
+    # duplicates (a rebalance between the two workers' starts may hand a batch over unacked).
+    counts = {}
+    for port in (int(env["OHS_WORKER_WEB_PORT"]), port_b):
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        for line in text.splitlines():
+            if line.startswith(("ohs_worker_records_total ", "ohs_worker_duplicates_total ")):
+                name, value = line.split()
+                counts[name] = counts.get(name, 0) + float(value)
+    assert counts["ohs_worker_records_total"] >= 2 * len(records)
+    assert counts["ohs_worker_duplicates_total"] >= len(records)

@@ -1,0 +1,27 @@
+"""The worker's Prometheus metrics (names are part of the dashboard contract)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+__all__ = ["W"]
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.records = Counter("ohs_worker_records_total", "Records taken from the topic")
+        self.applied = Counter("ohs_worker_applied_total", "Order updates applied to Cassandra")
+        self.duplicates = Counter("ohs_worker_duplicates_total", "Records at or below a user's last applied seq")
+        self.dead_lettered = Counter("ohs_worker_dead_lettered_total", "Records sent to the DLQ", ["reason"])
+        self.retries = Counter("ohs_worker_write_retries_total", "Failed batch writes retried")
+        self.batch_size = Histogram(
+            "ohs_worker_batch_records", "Records per batch", buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000)
+        )
+        self.write_latency = Histogram(
+            "ohs_worker_write_seconds",
+            "Cassandra write time of one batch, retries included",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+
+
+W = _Metrics()
