@@ -25,6 +25,11 @@ class BridgeSettings(BaseSettings):
     topic_checkpoint: str = Field(
         default="bridge.watermark", description="Compacted topic holding the acknowledged watermark."
     )
+    schema_registry_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("OHS_BRIDGE_SCHEMA_REGISTRY_URL", "OHS_SCHEMA_REGISTRY_URL"),
+        description="Confluent-compatible schema registry: register the schemas, write its wire format.",
+    )
     partitions: int = Field(default=6, description="Partitions of the event topics when the bridge creates them.")
     retention_ms: int = Field(default=7 * 24 * 3600 * 1000, description="Retention of the event topics it creates.")
     max_message_bytes: int = Field(default=1_048_576, description="Larger payloads are dead-lettered as oversized.")

@@ -26,6 +26,8 @@ SUBCOMMANDS: dict[str, str] = {
     "bench": "ohs.bench:bench",
     "config-doc": "ohs.configdoc:config_doc",
     "lag": "streams.lagcmd:lag",
+    "replay": "streams.replaycmd:replay",
+    "api": "api.cli:api",
 }
 
 

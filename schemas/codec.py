@@ -26,7 +26,17 @@ from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from engine.events import BalanceUpdate, Event, EventType, OrderUpdate, Trade, enum_fields, event_from_plain
 
-__all__ = ["MAGIC", "CodecError", "decode", "encode", "event_type_of", "fingerprint_of", "load_schemas"]
+__all__ = [
+    "MAGIC",
+    "CodecError",
+    "add_writer",
+    "current_schemas",
+    "decode",
+    "encode",
+    "event_type_of",
+    "fingerprint_of",
+    "load_schemas",
+]
 
 MAGIC = b"\xc3\x01"
 SCHEMA_DIR = Path(__file__).resolve().parent / "avro"
@@ -97,6 +107,33 @@ _ENCODERS = {
     )
     for name, cls in _CLASSES.items()
 }
+
+
+def current_schemas() -> dict[str, tuple[int, str]]:
+    """Record name -> (fingerprint, schema JSON text) of the current writer schemas."""
+    out = {}
+    for name in _CLASSES:
+        raw = json.loads((SCHEMA_DIR / f"{name}.avsc").read_text())
+        out[name] = (_CURRENT_FP[name], json.dumps(raw, separators=(",", ":")))
+    return out
+
+
+def add_writer(schema_text: str) -> int:
+    """Make a writer schema known (e.g. a newer one found in a schema registry) and return its
+    fingerprint: its records are then read by resolution into the current schema."""
+    try:
+        raw = json.loads(schema_text)
+        name = raw["name"].rsplit(".", 1)[-1] if isinstance(raw, dict) else None
+        if name not in _READERS:
+            raise CodecError("unknown_schema", f"record {name!r} is not one of {sorted(_READERS)}")
+        fp = fingerprint_of(raw)
+        if fp not in _WRITERS:
+            _WRITERS[fp] = _Writer(name, parse_schema(raw), fp)
+    except CodecError:
+        raise
+    except Exception as exc:  # fastavro's SchemaParseException, JSON errors, ...
+        raise CodecError("unknown_schema", f"{type(exc).__name__}: {exc}") from exc
+    return fp
 
 
 def encode(event: Event) -> bytes:

@@ -27,9 +27,12 @@ def stack(ctx: click.Context) -> None:
 
 
 @stack.command("up")
+@click.option("--registry", is_flag=True, help="Also run the schema registry (same as OHS_REGISTRY=true).")
 @click.pass_obj
-def up_cmd(s: StackSettings) -> None:
+def up_cmd(s: StackSettings, registry: bool) -> None:
     """Fetch the servers once, start them, and wait until they are usable."""
+    if registry:
+        s = s.model_copy(update={"registry": True})
     try:
         timings = up(s, _log)
     except StackError as exc:
@@ -37,13 +40,16 @@ def up_cmd(s: StackSettings) -> None:
     _log("stack is up: " + ", ".join(f"{k}={v:.1f}" for k, v in timings.items()))
     _log(f"export OHS_KAFKA_BOOTSTRAP={s.kafka_bootstrap} OHS_CQL_CONTACT_POINTS={s.host}")
     _log(f"export OHS_CQL_PORT={s.cql_port}")
+    if s.registry:
+        _log(f"export OHS_SCHEMA_REGISTRY_URL={s.registry_url}")
 
 
 @stack.command("down")
+@click.argument("server", required=False, type=click.Choice(["kafka", "cassandra", "registry"]))
 @click.pass_obj
-def down_cmd(s: StackSettings) -> None:
-    """Stop both servers cleanly; data stays in the state dir."""
-    down(s, _log)
+def down_cmd(s: StackSettings, server: str | None) -> None:
+    """Stop both servers (or SERVER) cleanly; data stays in the state dir. `up` restarts them."""
+    down(s, _log, only=server)
 
 
 @stack.command("status")

@@ -1,7 +1,8 @@
-"""Fetch the Kafka and Cassandra server jars with Maven into the cache.
+"""Fetch the servers (Kafka, Cassandra, optionally the schema registry) with Maven into the cache.
 
 Maven resolves each server's runtime classpath from its POM (``stack/maven/``)
-and copies it into ``<cache>/<name>-<version>/lib``; a ``.complete`` marker is
+and copies it into ``<cache>/<name>-<version>/lib`` (the registry ships as an
+application archive, which its POM unpacks there instead); a ``.complete`` marker is
 written only after a successful copy, so an interrupted download is redone and
 a completed one is never fetched again. Maven's own repository also lives in
 the cache (``<cache>/m2``) so nothing is written to the user's ``~/.m2``.
@@ -20,6 +21,9 @@ from pathlib import Path
 from stack.errors import StackError
 
 __all__ = ["ensure_dist"]
+
+_UNPACKED = {"registry"}
+"""Servers whose POM unpacks an application archive (``package``) instead of a classpath."""
 
 
 def ensure_dist(cache: Path, name: str, version: str, log: Callable[[str], None]) -> Path:
@@ -40,14 +44,11 @@ def ensure_dist(cache: Path, name: str, version: str, log: Callable[[str], None]
     started = time.monotonic()
     log(f"fetching {name} {version} from Maven Central into {dist} ...")
     with resources.as_file(pom) as pom_path:
-        cmd = [
-            mvn, "-B", "-q", "-f", str(pom_path),
-            f"-Dmaven.repo.local={cache / 'm2'}",
-            version_property,
-            "dependency:copy-dependencies",
-            f"-DoutputDirectory={staging}",
-            "-DincludeScope=runtime",
-        ]  # fmt: skip
+        cmd = [mvn, "-B", "-q", "-f", str(pom_path), f"-Dmaven.repo.local={cache / 'm2'}", version_property]
+        if name in _UNPACKED:
+            cmd += ["package", f"-Dohs.output={staging}"]
+        else:
+            cmd += ["dependency:copy-dependencies", f"-DoutputDirectory={staging}", "-DincludeScope=runtime"]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         shutil.rmtree(staging, ignore_errors=True)
@@ -58,5 +59,7 @@ def ensure_dist(cache: Path, name: str, version: str, log: Callable[[str], None]
     dist.mkdir(parents=True)
     staging.rename(lib)
     marker.write_text(f"{version}\n")
-    log(f"fetched {name} {version}: {len(list(lib.glob('*.jar')))} jars in {time.monotonic() - started:.1f}s")
+    shutil.rmtree(lib / ".markers", ignore_errors=True)
+    jars = len(list(lib.rglob("*.jar")))
+    log(f"fetched {name} {version}: {jars} jars in {time.monotonic() - started:.1f}s")
     return lib

@@ -6,7 +6,7 @@ import logging
 
 from stack.settings import StackSettings
 
-__all__ = ["cassandra_ready", "kafka_ready"]
+__all__ = ["cassandra_ready", "kafka_ready", "registry_ready"]
 
 HEALTH_TOPIC = "__ohs_health"
 
@@ -52,3 +52,15 @@ def cassandra_ready(s: StackSettings, timeout_s: float = 5.0) -> str | None:
         return str(exc).splitlines()[0][:200]
     finally:
         cluster.shutdown()
+
+
+def registry_ready(s: StackSettings, timeout_s: float = 5.0) -> str | None:
+    """None when the registry's Confluent-compatible API lists subjects; else why not."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{s.registry_url}/subjects", timeout=timeout_s) as resp:
+            return None if resp.status == 200 else f"HTTP {resp.status}"
+    except (urllib.error.URLError, OSError) as exc:
+        return str(exc)[:200]

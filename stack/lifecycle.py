@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 from stack.errors import StackError
 from stack.fetch import ensure_dist
-from stack.health import cassandra_ready, kafka_ready
+from stack.health import cassandra_ready, kafka_ready, registry_ready
 from stack.process import ManagedProcess, port_in_use, tail
-from stack.servers import ServerSpec, cassandra_spec, kafka_spec
+from stack.servers import ServerSpec, cassandra_spec, kafka_spec, registry_spec
 from stack.settings import StackSettings
 
 __all__ = ["ServerStatus", "down", "reset", "status", "up"]
@@ -40,40 +40,50 @@ def _process(s: StackSettings, name: str) -> ManagedProcess:
     return ManagedProcess(name, s.state_dir / f"{name}.pid", s.state_dir / name / "console.log")
 
 
+_READY = {"kafka": kafka_ready, "cassandra": cassandra_ready, "registry": registry_ready}
+_SPEC = {"kafka": kafka_spec, "cassandra": cassandra_spec, "registry": registry_spec}
+_VERSION = {"kafka": "kafka_version", "cassandra": "cassandra_version", "registry": "registry_version"}
+_LOG = {"kafka": "logs/server.log", "cassandra": "logs/system.log", "registry": "logs/registry.log"}
+ALL = ("kafka", "cassandra", "registry")
+"""Every server ``down`` and ``status`` look at, started or not by this ``up``."""
+
+
 def _check(s: StackSettings, name: str) -> str | None:
-    return kafka_ready(s) if name == "kafka" else cassandra_ready(s)
+    return _READY[name](s)
 
 
 def _endpoint(s: StackSettings, name: str) -> str:
-    return s.kafka_bootstrap if name == "kafka" else f"{s.host}:{s.cql_port}"
+    if name == "kafka":
+        return s.kafka_bootstrap
+    return f"{s.host}:{s.cql_port}" if name == "cassandra" else s.registry_url
 
 
 def up(s: StackSettings, log: Log = print) -> dict[str, float]:
     """Fetch (once), start and wait for both servers. Returns timings in seconds."""
     t0 = time.monotonic()
     s.state_dir.mkdir(parents=True, exist_ok=True)
-    with ThreadPoolExecutor(2) as pool:
-        kafka_lib_f = pool.submit(ensure_dist, s.cache_dir, "kafka", s.kafka_version, log)
-        cass_lib_f = pool.submit(ensure_dist, s.cache_dir, "cassandra", s.cassandra_version, log)
-        libs = {"kafka": kafka_lib_f.result(), "cassandra": cass_lib_f.result()}
+    names = s.servers
+    with ThreadPoolExecutor(len(names)) as pool:
+        futures = {n: pool.submit(ensure_dist, s.cache_dir, n, getattr(s, _VERSION[n]), log) for n in names}
+        libs = {n: f.result() for n, f in futures.items()}
     timings = {"fetch_s": time.monotonic() - t0}
 
     # Every port of every server is checked before anything starts, so a conflict leaves
     # nothing half-started behind.
     specs: dict[str, ServerSpec] = {}
-    for name in ("kafka", "cassandra"):
+    for name in names:
         proc = _process(s, name)
         if proc.alive():
             log(f"{name}: already running (pid {proc.pid()})")
             continue
-        spec = kafka_spec(s, libs[name]) if name == "kafka" else cassandra_spec(s, libs[name])
+        spec = _SPEC[name](s, libs[name])
         taken = _taken_ports(s.host, spec.ports)
         if taken:
             raise StackError(
                 f"{name} cannot start: port(s) {taken} on {s.host} are in use by another process "
                 f"(not one this stack started). Stop it, or choose other ports "
                 f"(OHS_KAFKA_PORT, OHS_KAFKA_CONTROLLER_PORT, OHS_CQL_PORT, OHS_CASSANDRA_STORAGE_PORT, "
-                f"OHS_CASSANDRA_JMX_PORT).{_holders(taken)}"
+                f"OHS_CASSANDRA_JMX_PORT, OHS_REGISTRY_PORT, OHS_REGISTRY_MANAGEMENT_PORT).{_holders(taken)}"
             )
         specs[name] = spec
     for name, spec in specs.items():
@@ -82,7 +92,7 @@ def up(s: StackSettings, log: Log = print) -> dict[str, float]:
         log(f"{name}: started pid {pid}; log {spec.log_file} (console {proc.log_file})")
 
     start = time.monotonic()
-    pending = ["kafka", "cassandra"]
+    pending = list(names)
     deadline = start + s.start_timeout_s
     last_error: dict[str, str | None] = {}
     while pending:
@@ -142,9 +152,12 @@ def _holders(ports: list[int]) -> str:
     return ("\nHeld by:\n" + "\n".join(lines)) if lines else ""
 
 
-def down(s: StackSettings, log: Log = print) -> None:
-    """Stop both servers cleanly (SIGTERM lets them flush); SIGKILL only after the timeout."""
-    for name in ("kafka", "cassandra"):
+def down(s: StackSettings, log: Log = print, only: str | None = None) -> None:
+    """Stop the servers (or ``only`` one of them) cleanly: SIGTERM lets them flush; SIGKILL
+    only after the timeout. ``up`` starts again whatever is not running."""
+    for name in ALL:
+        if only is not None and name != only:
+            continue
         proc = _process(s, name)
         t0 = time.monotonic()
         if proc.stop(s.stop_timeout_s):
@@ -155,11 +168,13 @@ def down(s: StackSettings, log: Log = print) -> None:
 
 def status(s: StackSettings) -> list[ServerStatus]:
     out = []
-    for name in ("kafka", "cassandra"):
+    for name in ALL:
         proc = _process(s, name)
         pid = proc.pid()
+        if name not in s.servers and pid is None:
+            continue
         err = _check(s, name) if pid is not None else "not running"
-        log_file = s.state_dir / name / ("logs/server.log" if name == "kafka" else "logs/system.log")
+        log_file = s.state_dir / name / _LOG[name]
         out.append(ServerStatus(name, pid, err, _endpoint(s, name), str(log_file)))
     return out
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from stack.errors import StackError
 from stack.settings import StackSettings
 
-__all__ = ["ServerSpec", "cassandra_spec", "kafka_spec"]
+__all__ = ["ServerSpec", "cassandra_spec", "kafka_spec", "registry_spec"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,3 +260,34 @@ auto_snapshot: false
     ]
     ports = [s.cql_port, s.cassandra_storage_port, s.cassandra_jmx_port]
     return ServerSpec("cassandra", home, argv, ports, dirs["logs"] / "system.log")
+
+
+def registry_spec(s: StackSettings, app: Path) -> ServerSpec:
+    """Apicurio Registry with its schemas in an H2 file under the state dir: ids must survive a
+    restart, because records in Kafka carry them."""
+    if not s.registry_java:
+        raise StackError(
+            "the schema registry (Apicurio 3) needs Java 21+ and none was found under /usr/lib/jvm: "
+            "set OHS_REGISTRY_JAVA to a Java 21+ executable, or run without OHS_REGISTRY"
+        )
+    home = s.state_dir / "registry"
+    for d in (home, home / "data", home / "logs"):
+        d.mkdir(parents=True, exist_ok=True)
+    log_file = home / "logs" / "registry.log"
+    argv = [
+        s.registry_java,
+        f"-Xmx{s.registry_heap}",
+        "-XX:+UseSerialGC",  # a small heap on two shared cores: no parallel GC threads
+        f"-Dquarkus.http.host={s.host}",
+        f"-Dquarkus.http.port={s.registry_port}",
+        # Without these the management interface listens on 0.0.0.0:9000.
+        f"-Dquarkus.management.host={s.host}",
+        f"-Dquarkus.management.port={s.registry_management_port}",
+        f"-Dapicurio.datasource.url=jdbc:h2:file:{home / 'data' / 'registry'}",
+        "-Dquarkus.log.file.enable=true",
+        f"-Dquarkus.log.file.path={log_file}",
+        "-Dquarkus.log.console.enable=false",
+        "-jar",
+        str(app / "quarkus-run.jar"),
+    ]
+    return ServerSpec("registry", home, argv, [s.registry_port, s.registry_management_port], log_file)

@@ -12,6 +12,30 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 __all__ = ["StackSettings"]
 
 
+def _java_feature(java_home: Path) -> int:
+    """The Java feature version of a JDK home, from its ``release`` file (0 if unknown)."""
+    try:
+        for line in (java_home / "release").read_text().splitlines():
+            if line.startswith("JAVA_VERSION="):
+                return int(line.split("=", 1)[1].strip('"').split(".")[0])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _default_registry_java() -> str:
+    """A Java 21+ for the schema registry (Apicurio 3): JAVA_HOME if new enough, else the newest
+    JDK under /usr/lib/jvm; "" when there is none (the registry then cannot start)."""
+    candidates = [Path(os.environ["JAVA_HOME"])] if os.environ.get("JAVA_HOME") else []
+    jvm = Path("/usr/lib/jvm")
+    if jvm.is_dir():
+        candidates += sorted(jvm.iterdir(), key=_java_feature, reverse=True)
+    for home in candidates:
+        if _java_feature(home) >= 21 and (home / "bin" / "java").exists():
+            return str(home / "bin" / "java")
+    return ""
+
+
 def _default_java() -> str:
     home = os.environ.get("JAVA_HOME")
     if home and (Path(home) / "bin" / "java").exists():
@@ -43,6 +67,16 @@ class StackSettings(BaseSettings):
     kafka_heap: str = Field(default="1g", description="Kafka -Xmx/-Xms.")
     cassandra_heap: str = Field(default="2g", description="Cassandra -Xmx/-Xms.")
     java: str = Field(default_factory=_default_java, description="java executable (Java 17+).")
+    registry: bool = Field(
+        default=False, description="Also run a schema registry (Apicurio, Confluent-compatible API)."
+    )
+    registry_port: int = Field(default=8081, description="Schema registry HTTP port.")
+    registry_management_port: int = Field(default=8082, description="Schema registry health/metrics port.")
+    registry_version: str = Field(default="3.3.3", description="Apicurio Registry release fetched from Maven Central.")
+    registry_heap: str = Field(default="512m", description="Schema registry -Xmx.")
+    registry_java: str = Field(
+        default_factory=_default_registry_java, description="java executable for the registry (Java 21+)."
+    )
     kafka_partitions: int = Field(default=6, description="Broker default partition count.")
     start_timeout_s: float = Field(default=180.0, description="How long `up` waits for each server.")
     stop_timeout_s: float = Field(default=90.0, description="How long `down` waits before SIGKILL.")
@@ -50,6 +84,15 @@ class StackSettings(BaseSettings):
     @property
     def kafka_bootstrap(self) -> str:
         return f"{self.host}:{self.kafka_port}"
+
+    @property
+    def registry_url(self) -> str:
+        """Base URL of the registry's Confluent-compatible API (what OHS_SCHEMA_REGISTRY_URL takes)."""
+        return f"http://{self.host}:{self.registry_port}/apis/ccompat/v7"
+
+    @property
+    def servers(self) -> tuple[str, ...]:
+        return ("kafka", "cassandra", "registry") if self.registry else ("kafka", "cassandra")
 
     @property
     def state_dir(self) -> Path:

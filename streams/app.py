@@ -15,11 +15,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import weakref
 from typing import Any
 
 import faust
+from faust.streams import _current_event
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from schemas.registry import Registry
 from streams.metrics import W
 from streams.migrate import migrate
 from streams.processor import Processor, Record
@@ -34,6 +37,7 @@ app = faust.App(
     settings.group,
     broker=f"kafka://{settings.kafka_bootstrap}",
     store=settings.store,
+    datadir=settings.data_dir,
     web_port=settings.web_port,
     web_host="127.0.0.1",
     topic_partitions=settings.partitions,
@@ -87,6 +91,7 @@ def _processor() -> Processor:
             dead_letter,
             retry_initial_s=settings.retry_initial_s,
             retry_max_s=settings.retry_max_s,
+            registry=Registry(settings.schema_registry_url) if settings.schema_registry_url else None,
         )
         _runtime["processor"] = proc
     return proc
@@ -103,8 +108,14 @@ async def apply_updates(stream: Any) -> None:
             processor = _processor()
             states = {r.key or b"": _load(users.get(r.key or b"")) for r in records}
             result, changed = await processor.process(records, states)
+            by_key = {e.message.key or b"": e for e in events}
             for key, value in changed.items():
+                # The RocksDB store files a value under the partition of the event being
+                # processed, which faust tracks per event and take_events leaves unset: point it
+                # at an event of this key (the topic and the table are co-partitioned by key).
+                _current_event.set(weakref.ref(by_key[key]))
                 users[key] = json.dumps(value, separators=(",", ":")).encode()
+            _current_event.set(None)
             # The changelog must be durable before these offsets can be committed.
             await app.producer.flush()
             W.records.inc(len(records))

@@ -19,6 +19,7 @@ from typing import Any
 
 from engine.events import OrderUpdate
 from schemas.codec import CodecError, decode
+from schemas.registry import Registry, is_registry_frame
 from streams.errors import SinkError
 from streams.sink import CassandraSink
 from streams.state import ALL_SYMBOLS, UserState
@@ -59,7 +60,9 @@ class Processor:
         *,
         retry_initial_s: float = 0.2,
         retry_max_s: float = 10.0,
+        registry: Registry | None = None,
     ) -> None:
+        self.registry = registry
         self.sink = sink
         self.dead_letter = dead_letter
         self.retry_initial_s = retry_initial_s
@@ -77,7 +80,11 @@ class Processor:
         users: dict[bytes, UserState] = {}
         applied: list[tuple[OrderUpdate, bytes]] = []
         for rec in records:
-            event, reason, detail = self._check(rec)
+            value = await self._single_object(rec.value)
+            if isinstance(value, CodecError):
+                event, reason, detail = None, value.reason, value.detail
+            else:
+                event, reason, detail = self._check(rec, value)
             if event is None:
                 result.dead_lettered += 1
                 await self.dead_letter(rec, reason, detail)
@@ -87,7 +94,7 @@ class Processor:
             if state is None:
                 state = users[key] = UserState.from_dict(states.get(key))
             if state.apply(event):
-                applied.append((event, rec.value))
+                applied.append((event, value))  # type: ignore[arg-type]
             else:
                 result.duplicates += 1
         result.applied = len(applied)
@@ -108,9 +115,26 @@ class Processor:
         result.write_seconds = time.monotonic() - t0
         return result, changed
 
-    def _check(self, rec: Record) -> tuple[OrderUpdate | None, str, str]:
+    async def _single_object(self, value: bytes) -> bytes | CodecError:
+        """A registry-framed record as single-object encoding (what Cassandra's payload columns
+        hold: readable without a registry). Waits out an unreachable registry: the record is not
+        bad, so it must not be dead-lettered."""
+        if self.registry is None or not is_registry_frame(value):
+            return value
+        delay = self.retry_initial_s
+        while True:
+            try:
+                return self.registry.to_single_object(value)
+            except CodecError as exc:
+                if not exc.retriable:
+                    return exc  # an id no registry knows: dead-lettered as it came
+                log.warning("schema registry unreachable, retry in %.1fs: %s", delay, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.retry_max_s)
+
+    def _check(self, rec: Record, value: bytes) -> tuple[OrderUpdate | None, str, str]:
         try:
-            event = decode(rec.value)
+            event = decode(value)
         except CodecError as exc:
             return None, exc.reason, exc.detail
         if not isinstance(event, OrderUpdate):

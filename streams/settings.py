@@ -35,11 +35,23 @@ class WorkerSettings(BaseSettings):
         default="{'class': 'SimpleStrategy', 'replication_factor': 1}",
         description="Keyspace replication map used by `ohs db migrate` when it creates the keyspace.",
     )
+    schema_registry_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("OHS_WORKER_SCHEMA_REGISTRY_URL", "OHS_SCHEMA_REGISTRY_URL"),
+        description="Schema registry to resolve records in its wire format (single-object needs none).",
+    )
     group: str = Field(default="ohs-order-history", description="Consumer group / Faust app id.")
     topic_updates: str = Field(default="orders.updates", description="OrderUpdate topic to consume.")
     topic_dlq: str = Field(default="orders.dlq", description="Dead-letter topic for records the worker cannot apply.")
     partitions: int = Field(default=6, description="Partitions of the source topic (tables are co-partitioned).")
-    store: str = Field(default="memory://", description="Faust table store: memory:// or rocksdb://.")
+    store: str = Field(
+        default="rocksdb://",
+        description="Faust table store: rocksdb:// (production: state survives a restart locally) or memory://.",
+    )
+    data_dir: str = Field(
+        default="ohs-worker-data",
+        description="Faust data dir (RocksDB tables), relative to the working dir; one per worker on a host.",
+    )
     web_port: int = Field(default=6066, description="Faust web port (metrics, health).")
     batch_size: int = Field(default=2000, description="Most events per sink batch (stream.take_events).")
     batch_window_s: float = Field(default=0.05, description="Longest wait to fill a batch.")

@@ -93,6 +93,10 @@ class CassandraSink:
             f"INSERT INTO {ks}.order_updates_stream (day, bucket, epoch, seq, user_id, order_id, status, ts_ns, "
             "payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
         )
+        self.user_updates = prep(
+            f"INSERT INTO {ks}.user_updates (user_id, day, epoch, seq, order_id, status, payload) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+        )
         self.events = prep(
             f"INSERT INTO {ks}.order_events (epoch, order_id, seq, status, filled_qty, last_fill_qty, "
             "last_fill_price, trade_id, ts_ns, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
@@ -111,8 +115,8 @@ class CassandraSink:
     ) -> list[Stmt]:
         """Every statement of a batch, each with the key of the partition group it belongs to:
         the user (order_history, active_orders and order_statistics share the user_id token), the
-        order (orders_by_id and order_events share the (epoch, order_id) token) or the stream
-        bucket. ``write`` sends one UNLOGGED batch per group: all on one replica set."""
+        order (order_events: (epoch, order_id); orders_by_id: order_id), the user's day
+        (user_updates) or the stream bucket. ``write`` sends one UNLOGGED batch per group: all on one replica set."""
         out: list[Stmt] = []
         buckets = self.s.stream_buckets
         for ev, payload in applied:
@@ -134,6 +138,7 @@ class CassandraSink:
             key = (ev.user_id, ev.epoch, ev.order_id)
             user_group = ("u", ev.user_id)
             order_group = ("o", ev.epoch, ev.order_id)
+            day = dt.datetime.fromtimestamp(ev.ts_ns / 1e9, tz=dt.UTC).date()
             out.append(
                 (
                     user_group,
@@ -153,7 +158,7 @@ class CassandraSink:
                 out.append((user_group, self.active_delete, (ts, *key)))
             out.append(
                 (
-                    order_group,
+                    ("i", ev.order_id),
                     self.by_id,
                     (
                         ev.epoch,
@@ -170,7 +175,13 @@ class CassandraSink:
                     ),
                 )
             )
-            day = dt.datetime.fromtimestamp(ev.ts_ns / 1e9, tz=dt.UTC).date()
+            out.append(
+                (
+                    ("d", ev.user_id, day),
+                    self.user_updates,
+                    (ev.user_id, day, ev.epoch, ev.seq, ev.order_id, ev.status.value, payload, ts),
+                )
+            )
             out.append(
                 (
                     ("s", day, ev.seq % buckets),

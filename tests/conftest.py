@@ -59,6 +59,26 @@ def stack_endpoints() -> Endpoints:
     return Endpoints(settings.kafka_bootstrap, [settings.host], settings.cql_port)
 
 
+@pytest.fixture(scope="session")
+def registry_url(stack_endpoints: Endpoints) -> str:
+    """A Confluent-compatible schema registry: OHS_SCHEMA_REGISTRY_URL (compose: Redpanda's),
+    else the local stack's Apicurio Registry, started on first use. Read, never set, in os.environ:
+    the other tests' subprocesses must keep the registry-free encoding."""
+    url = os.environ.get("OHS_SCHEMA_REGISTRY_URL")
+    if url:
+        return url
+    if os.environ.get("OHS_TEST_STACK") == "external":
+        pytest.skip("OHS_TEST_STACK=external without OHS_SCHEMA_REGISTRY_URL: no registry to test against")
+    from stack.lifecycle import up
+    from stack.settings import StackSettings
+
+    settings = StackSettings().model_copy(update={"registry": True})
+    if not settings.registry_java:
+        pytest.skip("Apicurio Registry 3 needs Java 21+ and none is installed (set OHS_REGISTRY_JAVA)")
+    up(settings, log=lambda m: print(f"[stack] {m}"))
+    return settings.registry_url
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:10]}"
 

@@ -161,3 +161,64 @@ def test_every_record_twice_and_two_workers_give_the_same_rows(
                 counts[name] = counts.get(name, 0) + float(value)
     assert counts["ohs_worker_records_total"] >= 2 * len(records)
     assert counts["ohs_worker_duplicates_total"] >= len(records)
+
+
+def test_bad_records_are_dead_lettered_and_the_partitions_keep_going(pipeline, cql_session, stack_endpoints):
+    from dataclasses import replace
+
+    from confluent_kafka import Producer
+
+    from engine.events import Trade
+    from schemas.codec import encode
+    from tests.integration.pipeline import read_topics
+
+    p = pipeline
+    p.start("engine", ["engine", "run"])
+    client = p.client()
+    p.start("bridge", ["bridge"])
+    p.start("worker", ["worker"], _worker_env(p, f"g-{p.tag}"))
+    p.drive(client, 400, seed=51, users=USERS)
+    _, updates = _truth(p)
+    with Journal.open(p.workdir / "journal", EngineSettings(_env_file=None).symbol_specs()) as journal:
+        trades = [e for e in journal.read_events(1, 0, limit=10**9) if isinstance(e, Trade)]
+    good = updates[-1]
+    key = str(good.user_id).encode()
+    bad = [
+        (key, b"not avro at all", {"bad_magic"}),
+        (key, encode(good)[:-3], {"truncated", "undecodable"}),
+        (b"user-x", encode(good), {"bad_key"}),
+        (key, encode(replace(good, qty=-5)), {"rule_violation"}),
+        (str(trades[0].taker_user_id).encode(), encode(trades[0]), {"unexpected_type"}),
+    ]
+    where: dict[int, tuple[int, int]] = {}
+    producer = Producer({"bootstrap.servers": stack_endpoints.kafka_bootstrap})
+    for i, (k, v, _) in enumerate(bad):
+
+        def report(err, msg, i=i):
+            assert err is None
+            where[i] = (msg.partition(), msg.offset())
+
+        producer.produce(p.topics["updates"], v, k, partition=i % 3, on_delivery=report)
+    assert producer.flush(30) == 0
+    p.drive(client, 400, seed=52, users=USERS)  # the same partitions keep flowing after the bad records
+    client.close()
+    p.settle()
+    engine, updates = _truth(p)
+    _check_rows(cql_session, p.keyspace, engine, updates)
+
+    def worker_letters(records):
+        return [r for r in records if dict(r.headers() or []).get("source") == b"worker"]
+
+    records = worker_letters(
+        read_topics(stack_endpoints.kafka_bootstrap, [p.topics["dlq"]], until=lambda rs: len(worker_letters(rs)) >= 5)
+    )
+    assert len(records) == len(bad)
+    by_source = {}
+    for r in records:
+        h = dict(r.headers())
+        assert h["topic"].decode() == p.topics["updates"]
+        by_source[(int(h["partition"]), int(h["offset"]))] = (r.key(), r.value(), h["reason"].decode())
+    for i, (k, v, reasons) in enumerate(bad):
+        got_key, got_value, reason = by_source[where[i]]
+        assert (got_key, got_value) == (k, v), "the dead letter must carry the raw record"
+        assert reason in reasons, f"record {i}: reason {reason}, expected one of {reasons}"
