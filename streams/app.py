@@ -12,6 +12,7 @@ event whose effects and state are not both durable.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from faust.streams import _current_event
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from schemas.registry import Registry
+from streams.lag import LagError, group_lag
 from streams.metrics import W
 from streams.migrate import migrate
 from streams.processor import Processor, Record
@@ -139,6 +141,22 @@ async def apply_updates(stream: Any) -> None:
             # at once instead: offsets stay where they are and a restart redoes the batch.
             log.critical("unexpected error in the batch loop: exiting without acking", exc_info=True)
             os._exit(70)
+
+
+@app.timer(interval=settings.lag_interval_s)  # type: ignore[untyped-decorator]
+async def export_lag() -> None:
+    """Refresh the lag gauges from the broker (blocking admin calls: off the event loop)."""
+    loop = asyncio.get_running_loop()
+    try:
+        rows = await loop.run_in_executor(
+            None, group_lag, settings.kafka_bootstrap, settings.group, [settings.topic_updates]
+        )
+    except LagError as exc:
+        log.warning("consumer lag not refreshed: %s", exc)
+        return
+    for row in rows:
+        W.lag_messages.labels(row.topic, str(row.partition)).set(row.lag_messages)
+        W.lag_seconds.labels(row.topic, str(row.partition)).set(row.lag_seconds)
 
 
 @app.page("/metrics")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = ["W"]
 
@@ -21,6 +21,14 @@ class _Metrics:
             "ohs_worker_write_seconds",
             "Cassandra write time of one batch, retries included",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        # The group's lag as the broker sees it (committed offsets), not the worker's own position:
+        # what an alert on "events not yet durable in Cassandra" needs.
+        self.lag_messages = Gauge(
+            "ohs_worker_lag_messages", "Records after the group's committed offset", ["topic", "partition"]
+        )
+        self.lag_seconds = Gauge(
+            "ohs_worker_lag_seconds", "Age of the oldest record not yet committed", ["topic", "partition"]
         )
 
 

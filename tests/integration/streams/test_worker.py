@@ -37,6 +37,7 @@ def _worker_env(p: Pipeline, group: str) -> dict[str, str]:
         "OHS_KEYSPACE": p.keyspace,
         "OHS_WORKER_WEB_PORT": str(free_port()),
         "OHS_WORKER_BATCH_WINDOW_S": "0.05",
+        "OHS_WORKER_LAG_INTERVAL_S": "1",
     }
 
 
@@ -161,6 +162,23 @@ def test_every_record_twice_and_two_workers_give_the_same_rows(
                 counts[name] = counts.get(name, 0) + float(value)
     assert counts["ohs_worker_records_total"] >= 2 * len(records)
     assert counts["ohs_worker_duplicates_total"] >= len(records)
+
+    # Each worker exports the group's lag per partition; once everything is committed it is 0.
+    def lag_gauges(port):
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        return {
+            line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("ohs_worker_lag_messages{")
+        }
+
+    deadline = time.monotonic() + 60
+    while True:
+        gauges = lag_gauges(port_b)
+        if len(gauges) == 3 and sum(gauges.values()) == 0:
+            break
+        assert time.monotonic() < deadline, f"lag gauges never showed the caught-up group: {gauges}"
+        time.sleep(1)
 
 
 def test_bad_records_are_dead_lettered_and_the_partitions_keep_going(pipeline, cql_session, stack_endpoints):
