@@ -28,6 +28,7 @@ SUBCOMMANDS: dict[str, str] = {
     "lag": "streams.lagcmd:lag",
     "replay": "streams.replaycmd:replay",
     "api": "api.cli:api",
+    "audit": "ohs.audit:audit",
 }
 
 
