@@ -8,56 +8,18 @@ the same run and our figure as a ratio of it.
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
-import platform
-import statistics
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import click
 
-__all__ = ["Figure", "bench"]
+from ohs.benchkit import Figure, engine_events, median_of, metric, print_figures
 
-
-@dataclass
-class Figure:
-    name: str
-    value: float
-    unit: str
-    runs: list[float] = field(default_factory=list)
-    limit_of: str = ""
-    """Name of the raw-limit figure this one is a ratio of."""
-
-
-def _median_of(runs: int, fn: Callable[[], float]) -> tuple[float, list[float]]:
-    values = [fn() for _ in range(runs)]
-    return statistics.median(values), values
-
-
-def _print(title: str, figures: list[Figure], as_json: bool) -> None:
-    if as_json:
-        doc = {"bench": title, "machine": _machine(), "figures": [asdict(f) for f in figures]}
-        click.echo(json.dumps(doc))
-        return
-    by_name = {f.name: f for f in figures}
-    click.echo(f"== {title}  ({_machine()['summary']})")
-    for f in figures:
-        ratio = ""
-        if f.limit_of and by_name.get(f.limit_of) and by_name[f.limit_of].value:
-            ratio = f"  = {100 * f.value / by_name[f.limit_of].value:.0f}% of {f.limit_of}"
-        runs = ", ".join(f"{r:,.0f}" for r in f.runs)
-        click.echo(f"{f.name:42} {f.value:>12,.0f} {f.unit:10} (median of [{runs}]){ratio}")
-
-
-def _machine() -> dict[str, str]:
-    import os
-
-    return {"summary": f"{os.cpu_count()} cpu, Python {platform.python_version()}, {platform.machine()}"}
+__all__ = ["bench"]
 
 
 def _drain(endpoint: str, ready: Any, stop: Any) -> None:
@@ -149,9 +111,9 @@ def bench_engine(n: int, runs: int, as_json: bool) -> None:
             return rate
 
     CORE = "core commands/s (pure, one process)"
-    core_med, core_runs = _median_of(runs, core)
-    full_med, full_runs = _median_of(runs, full)
-    _print(
+    core_med, core_runs = median_of(runs, core)
+    full_med, full_runs = median_of(runs, full)
+    print_figures(
         f"engine: {len(commands):,} commands -> {events_per_run:,} events",
         [
             Figure(CORE, core_med, "cmd/s", core_runs),
@@ -160,39 +122,6 @@ def bench_engine(n: int, runs: int, as_json: bool) -> None:
         ],
         as_json,
     )
-
-
-def _engine_events(n: int) -> list[Any]:
-    """At least ``n`` events from the real engine running the simulator's seeded flow."""
-    from engine.core import Engine
-    from engine.settings import EngineSettings
-    from engine.simulator import FlowGenerator
-
-    specs = EngineSettings(_env_file=None).symbol_specs()  # type: ignore[call-arg]
-    gen = FlowGenerator(specs, 1000, seed=1)
-    engine = Engine(specs, epoch=time.time_ns() // 1000)
-    events: list[Any] = []
-    for c in gen.deposits():
-        events.extend(engine.execute(replace(c, ts_ns=1)).events)
-    ts = 1
-    while len(events) < n:
-        ts += 1000
-        c = replace(gen.next(ts), ts_ns=ts)
-        r = engine.execute(c)
-        if r.accepted and type(c).__name__ == "PlaceOrder":
-            gen.record(c.user_id, r.order_id)  # type: ignore[union-attr]
-        events.extend(r.events)
-    return events
-
-
-def _metric(port: int, name: str) -> float:
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    return 0.0
 
 
 @bench.command("bridge")
@@ -216,7 +145,7 @@ def bench_bridge(n: int, runs: int, as_json: bool) -> None:
     from schemas.codec import encode
 
     bootstrap = os.environ.get("OHS_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
-    events = _engine_events(n)
+    events = engine_events(n)
     frames = [(header_for(e), encode(e)) for e in events]
     epoch, last = events[0].epoch, events[-1].seq
     admin = AdminClient({"bootstrap.servers": bootstrap})
@@ -288,7 +217,7 @@ def bench_bridge(n: int, runs: int, as_json: bool) -> None:
             t0 = time.perf_counter()
             for header, payload in frames:
                 push.send_multipart((header, payload), copy=False)
-            while _metric(metrics, "ohs_bridge_watermark") < last:
+            while metric(metrics, "ohs_bridge_watermark") < last:
                 time.sleep(0.05)
             return len(frames) / (time.perf_counter() - t0)
         finally:
@@ -297,9 +226,9 @@ def bench_bridge(n: int, runs: int, as_json: bool) -> None:
             push.close(linger=0)
             router.close(linger=0)
 
-    raw_med, raw_runs = _median_of(runs, raw)
-    br_med, br_runs = _median_of(runs, bridge_run)
-    _print(
+    raw_med, raw_runs = median_of(runs, raw)
+    br_med, br_runs = median_of(runs, bridge_run)
+    print_figures(
         f"bridge: {len(frames):,} events of the engine's seeded flow, Kafka at {bootstrap}",
         [
             Figure("raw confluent-kafka produce (same records)", raw_med, "ev/s", raw_runs),
@@ -341,7 +270,7 @@ def bench_sink(n: int, runs: int, as_json: bool) -> None:
     from streams.state import UserState
 
     s = WorkerSettings()
-    updates = [e for e in _engine_events(n * 3) if isinstance(e, OrderUpdate)][:n]
+    updates = [e for e in engine_events(n * 3) if isinstance(e, OrderUpdate)][:n]
     payloads = [(str(e.user_id).encode(), encode(e)) for e in updates]
     cluster, session = connect(s)
     admin = AdminClient({"bootstrap.servers": s.kafka_bootstrap})
@@ -426,12 +355,12 @@ def bench_sink(n: int, runs: int, as_json: bool) -> None:
         return rate
 
     try:
-        raw_med, raw_runs = _median_of(runs, raw)
-        worker_med, worker_runs = _median_of(runs, worker)
+        raw_med, raw_runs = median_of(runs, raw)
+        worker_med, worker_runs = median_of(runs, worker)
     finally:
         cluster.shutdown()
     raw_name = "raw CQL writes of the same rows (best concurrency)"
-    _print(
+    print_figures(
         f"sink: {len(updates):,} order updates (6 rows each) from a pre-filled topic",
         [
             Figure(raw_name, raw_med, "upd/s", raw_runs),
@@ -439,3 +368,12 @@ def bench_sink(n: int, runs: int, as_json: bool) -> None:
         ],
         as_json,
     )
+
+
+def _register_e2e() -> None:
+    from ohs.bench_e2e import bench_e2e
+
+    bench.add_command(bench_e2e)
+
+
+_register_e2e()

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from engine.events import OrderUpdate
@@ -47,6 +47,10 @@ class BatchResult:
     dead_lettered: int = 0
     retries: int = 0
     write_seconds: float = 0.0
+    durable_at_ns: int = 0
+    """Wall clock when the batch's writes were all acknowledged (the rows are readable)."""
+    emitted_ns: list[int] = field(default_factory=list)
+    """The engine's emit time of each applied event: durable_at_ns - emitted_ns is its latency."""
 
 
 DeadLetter = Callable[[Record, str, str], Awaitable[None]]
@@ -113,6 +117,8 @@ class Processor:
         t0 = time.monotonic()
         result.retries = await self._write_until_done(statements)
         result.write_seconds = time.monotonic() - t0
+        result.durable_at_ns = time.time_ns()
+        result.emitted_ns = [ev.ts_ns for ev, _ in applied]
         return result, changed
 
     async def _single_object(self, value: bytes) -> bytes | CodecError:

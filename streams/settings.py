@@ -58,6 +58,10 @@ class WorkerSettings(BaseSettings):
     stream_buckets: int = Field(default=16, description="Buckets per day of order_updates_stream.")
     retry_initial_s: float = Field(default=0.2, description="First back-off of a failed batch write.")
     retry_max_s: float = Field(default=10.0, description="Longest back-off between batch write attempts.")
+    latency_file: str | None = Field(
+        default=None,
+        description="Benchmarks: append each applied event's emit-to-durable latency (float64 s) to this file.",
+    )
     lag_interval_s: float = Field(default=10.0, description="How often the consumer lag gauges are refreshed.")
     write_concurrency: int = Field(default=64, description="CQL statements in flight per batch.")
 
