@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 
 import click
@@ -16,9 +15,10 @@ def bridge() -> None:
     from bridge.http import serve
     from bridge.service import Bridge
     from bridge.settings import BridgeSettings
+    from ohs.logs import setup_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = BridgeSettings()
+    setup_logging(settings.log_format)
     stop = {"requested": False}
 
     def on_signal(signum: int, frame: object) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -11,6 +13,11 @@ __all__ = ["BridgeSettings"]
 class BridgeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OHS_BRIDGE_", frozen=True, extra="ignore")
 
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        validation_alias=AliasChoices("OHS_BRIDGE_LOG_FORMAT", "OHS_LOG_FORMAT"),
+        description="Log lines as text, or one JSON object per line.",
+    )
     kafka_bootstrap: str = Field(
         default="127.0.0.1:9092",
         validation_alias=AliasChoices("OHS_BRIDGE_KAFKA_BOOTSTRAP", "OHS_KAFKA_BOOTSTRAP"),

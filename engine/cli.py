@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import signal
 import time
 from types import FrameType
@@ -31,17 +30,22 @@ class _Stop:
 
 
 @click.group()
-def engine() -> None:
+@click.pass_context
+def engine(ctx: click.Context) -> None:
     """The matching engine: gateway, feed, replay service, simulator."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from ohs.logs import setup_logging
+
+    ctx.obj = EngineSettings()  # read once, here; the subcommands take it from the context
+    setup_logging(ctx.obj.log_format)
 
 
 @engine.command()
-def run() -> None:
+@click.pass_obj
+def run(settings: EngineSettings) -> None:
     """Serve the command gateway, the feed and the replay service until SIGTERM."""
     from engine.service import EngineService
 
-    service = EngineService(EngineSettings())
+    service = EngineService(settings)
     stop = _Stop()
     click.echo(f"engine epoch={service.engine.epoch} last_seq={service.engine.last_seq} serving", err=True)
     try:
@@ -59,7 +63,9 @@ def run() -> None:
 @click.option("--linger", default=2.0, show_default=True, help="Keep serving replay/heartbeats this long after.")
 @click.option("--serve", is_flag=True, help="After the flow, keep serving until SIGTERM.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.pass_obj
 def simulate(
+    settings: EngineSettings,
     users: int,
     n_symbols: int,
     rate: float,
@@ -73,7 +79,6 @@ def simulate(
     from engine.service import EngineService
     from engine.simulator import simulate as run_flow
 
-    settings = EngineSettings()
     specs = settings.symbol_specs()
     if not 1 <= n_symbols <= len(specs):
         raise click.BadParameter(f"between 1 and {len(specs)} (configured symbols)", param_hint="--symbols")
@@ -100,12 +105,12 @@ def simulate(
 
 
 @engine.command()
-def info() -> None:
+@click.pass_obj
+def info(settings: EngineSettings) -> None:
     """Epoch and last seq of the journal (recovering it, which also verifies it)."""
     from engine.journal import Journal
     from engine.recovery import recover
 
-    settings = EngineSettings()
     journal = Journal.open(settings.journal_dir, settings.symbol_specs(), fsync="never")
     eng, commands = recover(journal)
     click.echo(json.dumps({"epoch": eng.epoch, "last_seq": eng.last_seq, "commands": commands}))

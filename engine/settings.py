@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.interfaces import SymbolSpec
@@ -18,6 +18,11 @@ DEFAULT_SYMBOLS = "BTC-USD:BTC:USD:1:1,ETH-USD:ETH:USD:1:1,SOL-USD:SOL:USD:1:1,X
 class EngineSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OHS_ENGINE_", frozen=True, extra="ignore")
 
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        validation_alias=AliasChoices("OHS_ENGINE_LOG_FORMAT", "OHS_LOG_FORMAT"),
+        description="Log lines as text, or one JSON object per line.",
+    )
     journal_dir: Path = Field(default=Path(".ohs/engine/journal"), description="Journal directory.")
     fsync: Literal["always", "interval", "never"] = Field(default="interval", description="Journal fsync policy.")
     fsync_interval_ms: int = Field(default=5, description="With fsync=interval: the most a machine crash can lose.")
