@@ -95,6 +95,7 @@ def _processor() -> Processor:
             retry_initial_s=settings.retry_initial_s,
             retry_max_s=settings.retry_max_s,
             registry=Registry(settings.schema_registry_url) if settings.schema_registry_url else None,
+            on_retry=W.retries.inc,
         )
         _runtime["processor"] = proc
     return proc
@@ -126,7 +127,6 @@ async def apply_updates(stream: Any) -> None:
             W.records.inc(len(records))
             W.applied.inc(result.applied)
             W.duplicates.inc(result.duplicates)
-            W.retries.inc(result.retries)
             W.batch_size.observe(len(records))
             W.write_latency.observe(result.write_seconds)
             log.info(

@@ -65,7 +65,10 @@ class Processor:
         retry_initial_s: float = 0.2,
         retry_max_s: float = 10.0,
         registry: Registry | None = None,
+        on_retry: Callable[[], None] = lambda: None,
     ) -> None:
+        self.on_retry = on_retry
+        """Called at each failed attempt, as it happens: an outage shows in metrics while it lasts."""
         self.registry = registry
         self.sink = sink
         self.dead_letter = dead_letter
@@ -163,10 +166,12 @@ class Processor:
                 return attempt
             except SinkError as exc:
                 attempt += 1
+                self.on_retry()
                 level = logging.WARNING if exc.retriable else logging.ERROR
                 log.log(level, "batch write failed (attempt %d, retry in %.1fs): %s", attempt, delay, exc)
             except Exception as exc:  # never let anything escape the batch loop
                 attempt += 1
+                self.on_retry()
                 log.exception("unexpected error writing a batch (attempt %d): %s", attempt, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.retry_max_s)

@@ -230,8 +230,13 @@ class Replay:
                 self._prepare_kafka()
                 if self.o.explicit:
                     self._commit(consumer, {p.partition: p.offset for p in summary.partitions})
-            retry = {"retry_initial_s": self.s.retry_initial_s, "retry_max_s": self.s.retry_max_s}
-            proc = Processor(cast(CassandraSink, sink), self._dead_letter(producer), registry=registry, **retry)
+            proc = Processor(
+                cast(CassandraSink, sink),
+                self._dead_letter(producer),
+                registry=registry,
+                retry_initial_s=self.s.retry_initial_s,
+                retry_max_s=self.s.retry_max_s,
+            )
             log.info("statistics %s", summary.statistics_note)
             self._progress(summary)
             try:

@@ -63,6 +63,7 @@ class WorkerSettings(BaseSettings):
         description="Benchmarks: append each applied event's emit-to-durable latency (float64 s) to this file.",
     )
     lag_interval_s: float = Field(default=10.0, description="How often the consumer lag gauges are refreshed.")
+    request_timeout_s: float = Field(default=10.0, description="CQL request timeout; a timed-out batch is retried.")
     write_concurrency: int = Field(default=64, description="CQL statements in flight per batch.")
 
     @property

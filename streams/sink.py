@@ -23,8 +23,9 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import Any
 
-from cassandra import OperationTimedOut, ReadTimeout, Unavailable, WriteTimeout
-from cassandra.cluster import Cluster, NoHostAvailable, Session
+from cassandra import ConsistencyLevel, OperationTimedOut, ReadTimeout, Unavailable, WriteTimeout
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, Session
+from cassandra.policies import DCAwareRoundRobinPolicy, ExponentialReconnectionPolicy, TokenAwarePolicy
 from cassandra.concurrent import execute_concurrent
 from cassandra.query import BatchStatement, BatchType, PreparedStatement
 
@@ -53,7 +54,23 @@ def write_timestamp(epoch: int, seq: int) -> int:
 
 
 def connect(s: WorkerSettings) -> tuple[Cluster, Session]:
-    cluster = Cluster(s.hosts, port=s.cql_port, protocol_version=5, connect_timeout=10)
+    profile = ExecutionProfile(
+        load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy()),
+        # QUORUM of the local DC: with RF > 1 a read at the same level (the query API) sees
+        # every write the worker has committed an offset for.
+        consistency_level=ConsistencyLevel.LOCAL_QUORUM,
+        request_timeout=s.request_timeout_s,
+    )
+    cluster = Cluster(
+        s.hosts,
+        port=s.cql_port,
+        protocol_version=5,
+        connect_timeout=10,
+        execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+        # The default backs off to 10 minutes: after a database restart the worker would sit idle
+        # long after the node is back. Ten seconds bounds that.
+        reconnection_policy=ExponentialReconnectionPolicy(0.5, 10.0),
+    )
     try:
         return cluster, cluster.connect()
     except NoHostAvailable as exc:
@@ -251,6 +268,10 @@ class CassandraSink:
             )
         except _RETRIABLE as exc:
             raise SinkError(f"Cassandra unavailable: {exc}", retriable=True) from exc
+        except (TypeError, RecursionError) as exc:
+            # cassandra-driver's execute_concurrent recurses through its callbacks when every
+            # request fails at once (no host up) and then cannot sort the errors it collected.
+            raise SinkError(f"Cassandra unavailable (driver: {exc})", retriable=True) from exc
         failures = [r.result_or_exc for r in results if not r.success]
         if failures:
             first = failures[0]

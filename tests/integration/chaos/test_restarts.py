@@ -6,54 +6,19 @@ cannot run against an external stack. Each leaves the server running again.
 
 from __future__ import annotations
 
-import os
 import time
-import urllib.request
-from collections.abc import Iterator
 
 import pytest
 from cassandra.cluster import Cluster
 
 from stack.lifecycle import down, up
-from stack.settings import StackSettings
 from streams.lag import group_lag
 from tests.integration.bridge.test_bridge import _assert_log_matches_journal
+from tests.integration.chaos.faults import metrics, wait_for
 from tests.integration.pipeline import Pipeline, free_port
 from tests.integration.streams.test_worker import USERS, _check_rows, _truth, _wait_for_stream, _worker_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
-
-
-@pytest.fixture
-def local_stack(stack_endpoints) -> Iterator[StackSettings]:
-    if os.environ.get("OHS_TEST_STACK") == "external":
-        pytest.skip("restarts a server: needs the local stack, not OHS_TEST_STACK=external")
-    s = StackSettings()
-    yield s
-    up(s, log=lambda m: print(f"[stack] {m}"))  # whatever a failed test left stopped
-
-
-def _metrics(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#") and "{" not in line:
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
-
-
-def _wait(cond, what: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if cond():
-                return
-        except OSError:  # the process is not listening yet
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)
 
 
 def test_bridge_stops_reading_while_kafka_is_down_then_catches_up(local_stack, stack_endpoints, tmp_path):
@@ -64,15 +29,15 @@ def test_bridge_stops_reading_while_kafka_is_down_then_catches_up(local_stack, s
         client = p.client()
         p.start("bridge", ["bridge"], {"OHS_BRIDGE_METRICS_PORT": str(port), "OHS_BRIDGE_MAX_IN_FLIGHT": "500"})
         last = p.drive(client, 1_000, seed=31)
-        _wait(lambda: _metrics(port).get("ohs_bridge_watermark", 0) >= last, "the bridge to relay the first flow")
+        wait_for(lambda: metrics(port).get("ohs_bridge_watermark", 0) >= last, "the bridge to relay the first flow")
 
         down(local_stack, only="kafka")
-        frozen = _metrics(port)["ohs_bridge_watermark"]
+        frozen = metrics(port)["ohs_bridge_watermark"]
         # The engine goes on (its journal holds everything); the bridge may only buffer a bounded
         # number of events and may never move its watermark past an unacknowledged one.
         last = p.drive(client, 3_000, seed=32)
         for _ in range(10):
-            m = _metrics(port)
+            m = metrics(port)
             assert m["ohs_bridge_watermark"] == frozen
             assert m["ohs_bridge_in_flight"] <= max_in_flight
             assert p.procs["bridge"].poll() is None, p.log("bridge")
