@@ -28,6 +28,6 @@ def bridge() -> None:
     signal.signal(signal.SIGINT, on_signal)
     b = Bridge(settings)
     if settings.metrics_port:
-        serve(settings.metrics_port, b.status)
+        serve(settings.metrics_port, b.status, host=settings.metrics_host)
     click.echo(f"bridge: {settings.feed_endpoint} -> {settings.kafka_bootstrap}", err=True)
     b.run(lambda: stop["requested"])

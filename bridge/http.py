@@ -19,8 +19,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 __all__ = ["serve"]
 
 
-def serve(port: int, status: Callable[[], dict[str, object]], stale_after_s: float = 10.0) -> ThreadingHTTPServer:
-    """Start the endpoint on 127.0.0.1:``port`` in a daemon thread; ``status()`` must be cheap."""
+def serve(
+    port: int, status: Callable[[], dict[str, object]], stale_after_s: float = 10.0, host: str = "127.0.0.1"
+) -> ThreadingHTTPServer:
+    """Start the endpoint on ``host:port`` in a daemon thread; ``status()`` must be cheap."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -44,6 +46,6 @@ def serve(port: int, status: Callable[[], dict[str, object]], stale_after_s: flo
         def log_message(self, format: str, *args: object) -> None:  # scrapes every few seconds: no log
             return
 
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server = ThreadingHTTPServer((host, port), Handler)
     threading.Thread(target=server.serve_forever, name="bridge-http", daemon=True).start()
     return server

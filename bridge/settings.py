@@ -46,5 +46,8 @@ class BridgeSettings(BaseSettings):
     checkpoint_ms: int = Field(default=200, description="How often the watermark is written to the checkpoint topic.")
     linger_ms: int = Field(default=5, description="Producer linger (batching).")
     compression: str = Field(default="lz4", description="Producer compression codec.")
+    metrics_host: str = Field(
+        default="127.0.0.1", description="Address of /metrics and /health (0.0.0.0 in a container)."
+    )
     metrics_port: int = Field(default=9464, description="Prometheus /metrics port (0 disables).")
     bridge_id: str = Field(default="bridge-1", description="Key of this bridge's checkpoint record.")

@@ -20,7 +20,8 @@ SETTINGS_CLASSES: dict[str, str] = {
     "ohs stack (local Kafka + Cassandra)": "stack.settings:StackSettings",
     "ohs engine": "engine.settings:EngineSettings",
     "ohs bridge": "bridge.settings:BridgeSettings",
-    "faust worker / ohs db": "streams.settings:WorkerSettings",
+    "faust worker / ohs db / ohs replay": "streams.settings:WorkerSettings",
+    "ohs api": "api.settings:ApiSettings",
 }
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"

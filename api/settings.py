@@ -1,0 +1,96 @@
+"""Settings of the query API (``ohs api``), read once at the entry point."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["ApiSettings"]
+
+
+class ApiSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OHS_API_", frozen=True, extra="ignore")
+
+    kafka_bootstrap: str = Field(
+        default="127.0.0.1:9092",
+        validation_alias=AliasChoices("OHS_API_KAFKA_BOOTSTRAP", "OHS_KAFKA_BOOTSTRAP"),
+        description="Kafka/Redpanda bootstrap servers (the live stream tails the updates topic).",
+    )
+    cql_contact_points: str = Field(
+        default="127.0.0.1",
+        validation_alias=AliasChoices("OHS_API_CQL_CONTACT_POINTS", "OHS_CQL_CONTACT_POINTS"),
+        description="Comma-separated Cassandra/ScyllaDB contact points.",
+    )
+    cql_port: int = Field(
+        default=9042,
+        validation_alias=AliasChoices("OHS_API_CQL_PORT", "OHS_CQL_PORT"),
+        description="CQL port.",
+    )
+    keyspace: str = Field(
+        default="ohs",
+        validation_alias=AliasChoices("OHS_API_KEYSPACE", "OHS_KEYSPACE"),
+        description="Keyspace the worker writes (the API only reads it).",
+    )
+    cql_consistency: Literal["ONE", "LOCAL_ONE", "QUORUM", "LOCAL_QUORUM", "ALL"] = Field(
+        default="LOCAL_QUORUM",
+        description="Consistency level of every read. The live stream's hand-off needs a read to see what the "
+        "worker wrote, so reads and writes must overlap (LOCAL_QUORUM here, or LOCAL_ONE with RF=1).",
+    )
+    cql_request_timeout_s: float = Field(default=10.0, gt=0, description="Timeout of one CQL request.")
+    host: str = Field(default="127.0.0.1", description="Address the HTTP server binds.")
+    port: int = Field(default=8080, ge=0, le=65535, description="Port the HTTP server binds.")
+    schema_registry_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("OHS_API_SCHEMA_REGISTRY_URL", "OHS_SCHEMA_REGISTRY_URL"),
+        description="Schema registry, when the bridge writes its wire format (the live tail decodes it).",
+    )
+    topic_updates: str = Field(default="orders.updates", description="OrderUpdate topic the live stream tails.")
+    worker_group: str = Field(
+        default="ohs-order-history",
+        description="Consumer group of the Faust worker: an event is streamed only once this group has committed "
+        "past it, i.e. once it is durable in Cassandra.",
+    )
+    tokens_file: Path | None = Field(
+        default=None,
+        description='JSON file mapping bearer token -> {"user_id": <int>} or {"role": "operator"} (optional '
+        '"name" for logs). Merged with OHS_API_TOKENS.',
+    )
+    tokens: SecretStr | None = Field(
+        default=None,
+        description="The same JSON mapping as tokens_file, inline (for secrets injected as env vars).",
+    )
+    page_size_default: int = Field(default=100, ge=1, description="Orders per history page when no limit is given.")
+    page_size_max: int = Field(default=500, ge=1, description="Largest accepted history page size (limit).")
+    stream_lookback_days: int = Field(
+        default=7,
+        ge=1,
+        description="Days of user_updates a stream resuming from from_seq may replay; older events are not sent.",
+    )
+    stream_queue_size: int = Field(
+        default=1000,
+        ge=1,
+        description="Events buffered per stream subscriber; a client that falls further behind is closed "
+        "(code 1013) and reconnects with from_seq.",
+    )
+    live_poll_interval_s: float = Field(
+        default=0.2, gt=0, description="How often the live tail reads the worker group's committed offsets."
+    )
+    live_max_pending: int = Field(
+        default=50_000,
+        ge=1,
+        description="Records per partition the live tail holds while the worker has not committed them; "
+        "above it the partition is paused (a stopped worker must not grow the API's memory).",
+    )
+
+    @model_validator(mode="after")
+    def _page_sizes(self) -> ApiSettings:
+        if self.page_size_default > self.page_size_max:
+            raise ValueError("page_size_default must not exceed page_size_max")
+        return self
+
+    @property
+    def hosts(self) -> list[str]:
+        return [h.strip() for h in self.cql_contact_points.split(",") if h.strip()]
