@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 DURATION ?= 60
 PYTEST_ARGS ?=
 
-.PHONY: venv stack-up stack-down stack-status run test unit integration lint chaos bench clean
+.PHONY: venv stack-up stack-down stack-status run test unit integration lint chaos chaos-long bench clean
 
 venv: $(VENV)/.installed
 
@@ -44,6 +44,10 @@ integration: stack-up
 
 chaos: stack-up
 	$(BIN)/python -m pytest -m chaos $(PYTEST_ARGS)
+
+# The fault suite with its long variants (a 3-minute Cassandra outage).
+chaos-long: stack-up
+	OHS_CHAOS_LONG=1 $(BIN)/python -m pytest -m chaos $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .

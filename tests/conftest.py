@@ -11,6 +11,7 @@ each other's data and need no cleanup between them.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -102,8 +103,16 @@ def topic_factory(stack_endpoints: Endpoints) -> Callable[..., str]:
 @pytest.fixture(scope="session")
 def cql_cluster(stack_endpoints: Endpoints) -> Iterator[object]:
     from cassandra.cluster import Cluster
+    from cassandra.policies import ExponentialReconnectionPolicy
 
-    cluster = Cluster(stack_endpoints.cql_hosts, port=stack_endpoints.cql_port, protocol_version=5)
+    # The fault suite restarts Cassandra: the driver's default back-off (up to 10 min) would leave
+    # this session-wide cluster disconnected for every later test.
+    cluster = Cluster(
+        stack_endpoints.cql_hosts,
+        port=stack_endpoints.cql_port,
+        protocol_version=5,
+        reconnection_policy=ExponentialReconnectionPolicy(0.5, 5.0),
+    )
     yield cluster
     cluster.shutdown()
 
@@ -127,8 +136,17 @@ def keyspace_factory(cql_cluster: object) -> Iterator[Callable[[], str]]:
         return name
 
     yield make
+    from cassandra.cluster import NoHostAvailable
+
     for name in made:
-        session.execute(f"DROP KEYSPACE IF EXISTS {name}", timeout=60)
+        for attempt in range(30):  # a test that restarted Cassandra: the driver is reconnecting
+            try:
+                session.execute(f"DROP KEYSPACE IF EXISTS {name}", timeout=60)
+                break
+            except NoHostAvailable:
+                if attempt == 29:
+                    raise
+                time.sleep(1)
 
 
 @pytest.fixture

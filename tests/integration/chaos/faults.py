@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -104,3 +105,33 @@ def server_pid(state_dir, name: str) -> int:  # type: ignore[no-untyped-def]
     if pid is None:
         raise AssertionError(f"{name} is not running")
     return pid
+
+
+def audit(p, bootstrap: str, *args: str) -> None:  # type: ignore[no-untyped-def]
+    """`ohs audit` of a settled pipeline must come out clean: exit 0, nothing lost, nothing twice."""
+    import json
+    import subprocess
+    import sys
+
+    t = p.topics
+    cmd = [sys.executable, "-m", "ohs.cli", "audit", "--json", "--journal-dir", str(p.workdir / "journal")]
+    cmd += ["--topic-updates", t["updates"], "--topic-trades", t["trades"], "--topic-balances", t["balances"]]
+    cmd += ["--keyspace", p.keyspace] if hasattr(p, "keyspace") else ["--skip-cassandra"]
+    cmd += list(args)
+    env = {**p.env(), "OHS_KAFKA_BOOTSTRAP": bootstrap}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, f"audit failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
+    report = json.loads(proc.stdout)
+    assert report["ok"], "the audit printed a failing report with exit 0"
+    record = os.environ.get("OHS_CHAOS_REPORT")
+    if record:  # figures for docs/reliability.md: events under each fault, lost (must be 0)
+        duplicates = sum(v.get("duplicates", 0) for v in report["kafka"].values() if isinstance(v, dict))
+        line = {
+            "test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0],
+            "events": report["journal"]["events"],
+            "ok": report["ok"],
+            "problems": len(report["problems"]),
+            "kafka_duplicates": duplicates,
+        }
+        with open(record, "a") as f:
+            f.write(json.dumps(line) + "\n")

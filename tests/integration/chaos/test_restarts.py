@@ -6,6 +6,8 @@ cannot run against an external stack. Each leaves the server running again.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
@@ -14,7 +16,7 @@ from cassandra.cluster import Cluster
 from stack.lifecycle import down, up
 from streams.lag import group_lag
 from tests.integration.bridge.test_bridge import _assert_log_matches_journal
-from tests.integration.chaos.faults import metrics, wait_for
+from tests.integration.chaos.faults import audit, metrics, wait_for
 from tests.integration.pipeline import Pipeline, free_port
 from tests.integration.streams.test_worker import USERS, _check_rows, _truth, _wait_for_stream, _worker_env
 
@@ -49,11 +51,17 @@ def test_bridge_stops_reading_while_kafka_is_down_then_catches_up(local_stack, s
         client.close()
         _assert_log_matches_journal(p, stack_endpoints.kafka_bootstrap, last)
         assert p.procs["bridge"].poll() is None, "the bridge exited during the outage"
+        audit(p, stack_endpoints.kafka_bootstrap)  # Kafka only: this pipeline has no worker
     finally:
         p.stop_all()
 
 
-def test_worker_pauses_while_cassandra_is_down_then_resumes(local_stack, stack_endpoints, tmp_path, keyspace_factory):
+@pytest.mark.parametrize("outage_s", [30, 180], ids=["30s", "3min"])
+def test_worker_pauses_while_cassandra_is_down_then_resumes(
+    local_stack, stack_endpoints, tmp_path, keyspace_factory, outage_s
+):
+    if outage_s > 60 and not os.environ.get("OHS_CHAOS_LONG"):
+        pytest.skip("the 3-minute outage runs with OHS_CHAOS_LONG=1 (make chaos-long); CI runs the 30 s one")
     p = Pipeline(stack_endpoints.env(), tmp_path)
     p.keyspace = keyspace_factory("outage")
     group = f"g-{p.tag}"
@@ -72,10 +80,12 @@ def test_worker_pauses_while_cassandra_is_down_then_resumes(local_stack, stack_e
             cluster.shutdown()
 
         down(local_stack, only="cassandra")
+        stopped = time.monotonic()
         p.drive(client, 1_500, seed=42, users=USERS)
         time.sleep(5)  # the worker takes a batch, fails to write it, and retries
         before = {(r.topic, r.partition): r.committed for r in group_lag(stack_endpoints.kafka_bootstrap, group)}
-        time.sleep(8)  # longer than Faust's commit interval (2.8 s)
+        # At least Faust's commit interval (2.8 s) more, and until the outage has lasted outage_s.
+        time.sleep(max(8.0, outage_s - (time.monotonic() - stopped)))
         lag = group_lag(stack_endpoints.kafka_bootstrap, group)
         after = {(r.topic, r.partition): r.committed for r in lag}
         assert after == before, "offsets moved while Cassandra was down"
@@ -93,6 +103,8 @@ def test_worker_pauses_while_cassandra_is_down_then_resumes(local_stack, stack_e
         finally:
             cluster.shutdown()
         assert p.procs["worker"].poll() is None, "the worker exited during the outage"
+        p.kill("engine", signal.SIGTERM)
+        audit(p, stack_endpoints.kafka_bootstrap)
         assert "unexpected error in the batch loop" not in p.log("worker")
     finally:
         p.stop_all()
