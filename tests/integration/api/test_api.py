@@ -11,6 +11,8 @@ import base64
 import json
 import signal
 import struct
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -413,9 +415,24 @@ def test_stream_holds_back_what_the_worker_has_not_stored(running: Running) -> N
         assert want, "the drive gave the user new events"
         # In Kafka, not in Cassandra: the stream must not show them (a reload could not find them).
         assert _receive(ws, 1, timeout=3.0) == []
+        # `ohs lag` sees the stopped worker's group fall behind...
+        lag = subprocess.run(
+            [sys.executable, "-m", "ohs.cli", "lag", "--group", r.group, "--json", "--max-lag", "0"],
+            env=r.p.env(), capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        behind = sum(row["lag_messages"] for row in json.loads(lag.stdout.splitlines()[0])["partitions"])
+        assert lag.returncode == 2 and behind > 0, lag.stdout
         r.p.start("worker", ["worker"], r.worker_env)
         r.p.settle()
         _, after = truth(r.p)
         want = [ev for ev in after if ev.user_id == user and ev.seq > since]
         got = _receive(ws, len(want), timeout=45)
     assert [m["seq"] for m in got] == [ev.seq for ev in want]
+    # ... and back to 0 once the resumed worker has committed everything.
+    deadline = time.monotonic() + 60
+    while True:
+        rows = group_lag(r.bootstrap, r.group, [r.p.topics["updates"]])
+        if rows and all(row.lag_messages == 0 for row in rows):
+            break
+        assert time.monotonic() < deadline, f"lag never returned to 0: {rows}"
+        time.sleep(1)
