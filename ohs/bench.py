@@ -371,9 +371,10 @@ def bench_sink(n: int, runs: int, as_json: bool) -> None:
 
 
 def _register_e2e() -> None:
-    from ohs.bench_e2e import bench_e2e
+    from ohs.bench_e2e import bench_e2e, bench_e2e_report
 
     bench.add_command(bench_e2e)
+    bench.add_command(bench_e2e_report)
 
 
 _register_e2e()
