@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from ohs.benchkit import Figure, engine_events, median_of, metric, print_figures
+from ohs.benchkit import Figure, engine_events, median_of, metric, print_figures, raw_produce_rate
 
 __all__ = ["bench"]
 
@@ -138,7 +138,6 @@ def bench_bridge(n: int, runs: int, as_json: bool) -> None:
     import uuid
 
     import zmq
-    from confluent_kafka import Producer
     from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
     from engine.wire import HEARTBEAT, header_for, pack
@@ -153,30 +152,8 @@ def bench_bridge(n: int, runs: int, as_json: bool) -> None:
     def raw() -> float:
         topic = f"bench.raw.{uuid.uuid4().hex[:8]}"
         admin.create_topics([NewTopic(topic, 6, 1)])[topic].result(30)
-        producer = Producer(
-            {
-                "bootstrap.servers": bootstrap,
-                "enable.idempotence": True,
-                "acks": "all",
-                "linger.ms": 5,
-                "compression.type": "lz4",
-                "batch.size": 1_000_000,
-                "partitioner": "murmur2_random",
-                "queue.buffering.max.messages": 2_000_000,
-            }
-        )
-        t0 = time.perf_counter()
-        for header, payload in frames:
-            key = str(struct.unpack_from(">Q", header, 20)[0]).encode()
-            while True:
-                try:
-                    producer.produce(topic, payload, key)
-                    break
-                except BufferError:
-                    producer.poll(0.05)
-            producer.poll(0)
-        producer.flush(120)
-        return len(frames) / (time.perf_counter() - t0)
+        keyed = [(str(struct.unpack_from(">Q", header, 20)[0]).encode(), payload) for header, payload in frames]
+        return raw_produce_rate(bootstrap, topic, keyed)
 
     def bridge_run() -> float:
         tag = uuid.uuid4().hex[:8]

@@ -28,7 +28,7 @@ from typing import Any
 
 import click
 
-from ohs.benchkit import Figure, engine_events, machine, metric, print_figures, proc_cpu_seconds
+from ohs.benchkit import Figure, engine_events, machine, metric, print_figures, proc_cpu_seconds, raw_produce_rate
 
 __all__ = ["bench_e2e"]
 
@@ -63,7 +63,7 @@ def raw_limits(n: int) -> dict[str, float]:
     """confluent-kafka produce and consume of the same records, and the CQL write rate of the same
     rows per order update by the same driver at its best concurrency."""
     from cassandra.concurrent import execute_concurrent
-    from confluent_kafka import Consumer, Producer
+    from confluent_kafka import Consumer
     from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
     from engine.events import OrderUpdate, Trade
@@ -79,28 +79,7 @@ def raw_limits(n: int) -> dict[str, float]:
     topic = f"bench.e2e.raw.{uuid.uuid4().hex[:8]}"
     admin = AdminClient({"bootstrap.servers": s.kafka_bootstrap})
     admin.create_topics([NewTopic(topic, s.partitions, 1)])[topic].result(30)
-    producer = Producer(
-        {
-            "bootstrap.servers": s.kafka_bootstrap,
-            "enable.idempotence": True,
-            "acks": "all",
-            "linger.ms": 5,
-            "compression.type": "lz4",
-            "partitioner": "murmur2_random",
-            "queue.buffering.max.messages": 2_000_000,
-        }
-    )
-    t0 = time.perf_counter()
-    for key, value in records:
-        while True:
-            try:
-                producer.produce(topic, value, key)
-                break
-            except BufferError:
-                producer.poll(0.05)
-        producer.poll(0)
-    producer.flush(120)
-    produce = len(records) / (time.perf_counter() - t0)
+    produce = raw_produce_rate(s.kafka_bootstrap, topic, records)
     from confluent_kafka import TopicPartition
 
     consumer = Consumer({"bootstrap.servers": s.kafka_bootstrap, "group.id": f"bench-{topic}"})

@@ -14,7 +14,16 @@ from typing import Any
 
 import click
 
-__all__ = ["Figure", "engine_events", "machine", "median_of", "metric", "print_figures", "proc_cpu_seconds"]
+__all__ = [
+    "Figure",
+    "engine_events",
+    "machine",
+    "median_of",
+    "metric",
+    "print_figures",
+    "proc_cpu_seconds",
+    "raw_produce_rate",
+]
 
 
 @dataclass
@@ -99,3 +108,33 @@ def proc_cpu_seconds(pid: int) -> float:
     ticks = os.sysconf("SC_CLK_TCK")
     utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
     return (utime + stime + cutime + cstime) / ticks
+
+
+def raw_produce_rate(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> float:
+    """Records/s of confluent-kafka producing ``(key, value)`` pairs with the bridge's settings
+    (idempotent, acks=all, lz4, linger 5 ms, murmur2): the raw limit the bridge is compared with."""
+    from confluent_kafka import Producer
+
+    producer = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "compression.type": "lz4",
+            "batch.size": 1_000_000,
+            "partitioner": "murmur2_random",
+            "queue.buffering.max.messages": 2_000_000,
+        }
+    )
+    t0 = time.perf_counter()
+    for key, value in records:
+        while True:
+            try:
+                producer.produce(topic, value, key)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        producer.poll(0)
+    producer.flush(120)
+    return len(records) / (time.perf_counter() - t0)
