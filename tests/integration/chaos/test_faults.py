@@ -36,8 +36,15 @@ def _start(p: Pipeline, worker_env: dict[str, str] | None = None):
     p.start("engine", ["engine", "run"])
     client = p.client()
     p.start("bridge", ["bridge"])
-    p.start("worker", ["worker"], {**_worker_env(p, p.group), **(worker_env or {})})
+    env = {**_worker_env(p, p.group), **(worker_env or {})}
+    p.worker_port = int(env["OHS_WORKER_WEB_PORT"])
+    p.start("worker", ["worker"], env)
     return client
+
+
+def _wait_applying(p: Pipeline) -> None:
+    """The faults hit a pipeline under load, not one still starting: the worker has written."""
+    wait_for(lambda: metrics(p.worker_port).get("ohs_worker_applied_total", 0) > 0, "the worker's first writes")
 
 
 def _finish(p: Pipeline, client, cql_session, bootstrap: str, seed: int) -> None:
@@ -55,6 +62,7 @@ def test_kafka_paused_20s_under_load(local_stack, pipeline, cql_session, stack_e
     p = pipeline
     client = _start(p)
     p.drive(client, 800, seed=71, users=USERS)
+    _wait_applying(p)
     kafka = server_pid(local_stack.state_dir, "kafka")
     os.kill(kafka, signal.SIGSTOP)  # a broker that hangs (GC pause, stalled disk): no error, no answer
     try:
@@ -72,6 +80,7 @@ def test_rebalance_mid_batch_a_second_worker_joins_then_is_killed(pipeline, cql_
     p = pipeline
     client = _start(p)
     p.drive(client, 800, seed=81, users=USERS)
+    _wait_applying(p)
     p.start("worker-b", ["worker"], {**_worker_env(p, p.group), "OHS_WORKER_WEB_PORT": str(free_port())})
     p.drive(client, 1_500, seed=82, users=USERS)  # flows through the rebalance
     time.sleep(3)
@@ -112,7 +121,7 @@ def test_full_disk_under_the_worker_state_dir(pipeline, cql_session, stack_endpo
         env = {"OHS_WORKER_DATA_DIR": str(mnt / "worker-data")}
         client = _start(p, env)
         p.drive(client, 800, seed=101, users=USERS)
-        time.sleep(3)
+        _wait_applying(p)
         filler = mnt / "filler"
         subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M", "count=64"], capture_output=True)
         p.drive(client, 1_500, seed=102, users=USERS)  # table writes now fail with ENOSPC
@@ -133,6 +142,7 @@ def test_backfill_replay_overlapping_live_traffic(pipeline, cql_session, stack_e
     p = pipeline
     client = _start(p)
     p.drive(client, 1_000, seed=111, users=USERS)
+    _wait_applying(p)
     env = p.env({"OHS_WORKER_TOPIC_UPDATES": p.topics["updates"], "OHS_WORKER_TOPIC_DLQ": p.topics["dlq"]})
     env["OHS_KEYSPACE"] = p.keyspace
     cmd = [sys.executable, "-m", "ohs.cli", "replay", "--from-beginning", "--group", f"replay-{p.group}"]
