@@ -161,7 +161,7 @@ def _summary(s: object, emitted: int, logs: Path) -> None:
             f"{totals.orders_expired} expired, {totals.fills} fills"
         )
     click.echo(f"logs: {logs}")
-    click.echo("look at the data (cqlsh, or any CQL client on 127.0.0.1:9042):")
+    click.echo(f"look at the data (cqlsh, or any CQL client on {s.hosts[0]}:{s.cql_port}):")
     click.echo(f"  SELECT * FROM {s.keyspace}.active_orders WHERE user_id = 1;")
     click.echo(f"  SELECT * FROM {s.keyspace}.order_history WHERE user_id = 1 LIMIT 20;")
     click.echo(f"  SELECT * FROM {s.keyspace}.order_statistics WHERE user_id = 1;")
