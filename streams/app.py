@@ -122,6 +122,7 @@ async def apply_updates(stream: Any) -> None:
             _current_event.set(None)
             # The changelog must be durable before these offsets can be committed.
             await app.producer.flush()
+            await _commit_durable(events)
             if settings.latency_file and result.emitted_ns:
                 _record_latencies(result.durable_at_ns, result.emitted_ns)
             W.records.inc(len(records))
@@ -144,6 +145,26 @@ async def apply_updates(stream: Any) -> None:
             # at once instead: offsets stay where they are and a restart redoes the batch.
             log.critical("unexpected error in the batch loop: exiting without acking", exc_info=True)
             os._exit(70)
+
+
+async def _commit_durable(events: list[Any]) -> None:
+    """Commit, per partition, past the last record of a batch that is now durable.
+
+    Faust's own committer derives offsets from its list of acked messages and, after some
+    rebalances, stops advancing a partition for good (faust-streaming#318, robinhood/faust#625,
+    #681): reprocessing is harmless here, but the lag would never clear and the API's live
+    stream, which waits for commits, would stall. The batch is in partition order and durable,
+    so committing its end is always safe; Faust discards the commit of a partition revoked
+    meanwhile, and its own periodic commit still runs (and never moves an offset backwards).
+    """
+    offsets: dict[Any, int] = {}
+    for e in events:
+        tp = e.message.tp
+        offsets[tp] = max(offsets.get(tp, 0), e.message.offset + 1)
+    try:
+        await app.consumer._commit_offsets(offsets)  # type: ignore[attr-defined]
+    except Exception as exc:  # a failed commit only means reprocessing: never leave the loop for it
+        log.warning("commit after a durable batch failed (Faust's periodic commit will retry): %s", exc)
 
 
 def _record_latencies(durable_at_ns: int, emitted_ns: list[int]) -> None:
