@@ -17,11 +17,12 @@ import struct
 from typing import Any
 
 from cassandra import ConsistencyLevel
-from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, ResponseFuture, Session
+from cassandra.cluster import Cluster, ExecutionProfile, ResponseFuture, Session
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from cassandra.query import PreparedStatement, dict_factory
 
 from api.settings import ApiSettings
+from streams.sink import make_cluster
 
 __all__ = ["MAX_BIGINT", "Cursor", "Store", "connect", "decode_cursor", "encode_cursor"]
 
@@ -62,13 +63,7 @@ def connect(s: ApiSettings) -> tuple[Cluster, Session]:
         request_timeout=s.cql_request_timeout_s,
         row_factory=dict_factory,
     )
-    cluster = Cluster(
-        s.hosts,
-        port=s.cql_port,
-        protocol_version=5,
-        connect_timeout=10,
-        execution_profiles={EXEC_PROFILE_DEFAULT: profile},
-    )
+    cluster = make_cluster(s.hosts, s.cql_port, profile)
     try:
         return cluster, cluster.connect()
     except Exception:

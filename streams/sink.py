@@ -34,7 +34,7 @@ from streams.errors import SinkError
 from streams.settings import WorkerSettings
 from streams.state import STAT_FIELDS
 
-__all__ = ["CassandraSink", "connect", "write_timestamp"]
+__all__ = ["CassandraSink", "connect", "make_cluster", "write_timestamp"]
 
 _OPEN = (OrderStatus.NEW, OrderStatus.PARTIALLY_FILLED)
 _RETRIABLE = (OperationTimedOut, WriteTimeout, ReadTimeout, Unavailable, NoHostAvailable, ConnectionError)
@@ -53,6 +53,21 @@ def write_timestamp(epoch: int, seq: int) -> int:
     return epoch + seq
 
 
+def make_cluster(hosts: list[str], port: int, profile: ExecutionProfile) -> Cluster:
+    """A Cluster as every process of the project opens one: token-aware profile given by the caller,
+    protocol v5, and a bounded reconnection back-off."""
+    return Cluster(
+        hosts,
+        port=port,
+        protocol_version=5,
+        connect_timeout=10,
+        execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+        # The default backs off to 10 minutes: after a database restart a process would sit idle
+        # long after the node is back. Ten seconds bounds that.
+        reconnection_policy=ExponentialReconnectionPolicy(0.5, 10.0),
+    )
+
+
 def connect(s: WorkerSettings) -> tuple[Cluster, Session]:
     profile = ExecutionProfile(
         load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy()),
@@ -61,16 +76,7 @@ def connect(s: WorkerSettings) -> tuple[Cluster, Session]:
         consistency_level=ConsistencyLevel.LOCAL_QUORUM,
         request_timeout=s.request_timeout_s,
     )
-    cluster = Cluster(
-        s.hosts,
-        port=s.cql_port,
-        protocol_version=5,
-        connect_timeout=10,
-        execution_profiles={EXEC_PROFILE_DEFAULT: profile},
-        # The default backs off to 10 minutes: after a database restart the worker would sit idle
-        # long after the node is back. Ten seconds bounds that.
-        reconnection_policy=ExponentialReconnectionPolicy(0.5, 10.0),
-    )
+    cluster = make_cluster(s.hosts, s.cql_port, profile)
     try:
         return cluster, cluster.connect()
     except NoHostAvailable as exc:
