@@ -39,17 +39,20 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 
 # Then the project itself, as a regular (non-editable) install into the venv.
 COPY README.md ./
+COPY schemas ./schemas
+COPY kit ./kit
 COPY engine ./engine
 COPY bridge ./bridge
 COPY streams ./streams
-COPY schemas ./schemas
+COPY api ./api
+COPY audit ./audit
+COPY bench ./bench
 COPY stack ./stack
 COPY ohs ./ohs
-COPY api ./api
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install . \
     && cd / \
-    && python -c "import api, bridge, engine, ohs, schemas, stack, streams, streams.app" \
+    && python -c "import api, audit, bench, bridge, engine, kit, ohs, schemas, stack, streams, streams.app" \
     && ohs --help > /dev/null
 
 # ---------------------------------------------------------------------------- runtime

@@ -23,6 +23,7 @@ from typing import Any
 
 from fastapi import HTTPException, Request
 
+from api.errors import ApiError
 from api.settings import ApiSettings
 
 __all__ = [
@@ -45,8 +46,10 @@ ANONYMOUS = "anonymous"
 OPERATOR = "operator"
 
 
-class TokenError(ValueError):
+class TokenError(ApiError, ValueError):
     """The token configuration is unusable: the API refuses to start rather than guess."""
+
+    retriable = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,13 +29,19 @@ class TokenRedactor(logging.Filter):
         return True
 
 
-def log_config(level: str) -> dict[str, Any]:
-    """One line per record (time, level, logger, message) for ours and uvicorn's loggers, tokens redacted."""
+def log_config(level: str, fmt: str = "text") -> dict[str, Any]:
+    """One line per record for ours and uvicorn's loggers, tokens redacted: time, level, logger and
+    message as text, or one JSON object (``OHS_LOG_FORMAT=json``, ``kit.logs.JsonFormatter``)."""
+    line: dict[str, Any] = (
+        {"()": "kit.logs.JsonFormatter"}
+        if fmt == "json"
+        else {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}
+    )
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "filters": {"redact": {"()": TokenRedactor}},
-        "formatters": {"line": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+        "formatters": {"line": line},
         "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "line", "filters": ["redact"]}},
         "loggers": {
             "ohs": {"handlers": ["stderr"], "level": level, "propagate": False},
@@ -64,6 +70,9 @@ def api(host: str | None, port: int | None, log_level: str) -> None:
     overrides: dict[str, Any] = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
     try:
         s = ApiSettings(**overrides)
+        if s.log_format != "text":
+            config = log_config(log_level.upper(), s.log_format)
+            logging.config.dictConfig(config)
         app = create_app(s)
     except ValidationError as exc:
         # Never str(exc): pydantic quotes the input, and the input includes the tokens.

@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from schemas.symbols import DEFAULT_SYMBOLS, SymbolSpec, parse_symbols
+
 __all__ = ["ApiSettings"]
 
 
@@ -48,6 +50,33 @@ class ApiSettings(BaseSettings):
         description="Schema registry, when the bridge writes its wire format (the live tail decodes it).",
     )
     topic_updates: str = Field(default="orders.updates", description="OrderUpdate topic the live stream tails.")
+    topic_trades: str = Field(
+        default="orders.trades",
+        validation_alias=AliasChoices("OHS_API_TOPIC_TRADES", "OHS_BRIDGE_TOPIC_TRADES"),
+        description="Trade topic the live stream tails for fills (the bridge's; the worker's trades agent commits it).",
+    )
+    symbols: str = Field(
+        default=DEFAULT_SYMBOLS,
+        validation_alias=AliasChoices("OHS_API_SYMBOLS", "OHS_ENGINE_SYMBOLS"),
+        description="The engine's symbol definitions (NAME:BASE:QUOTE:TICK:LOT, comma-separated), served by "
+        "/symbols: give the API the engine's OHS_ENGINE_SYMBOLS.",
+    )
+    symbol_decimals: str = Field(
+        default="",
+        description="Display decimals per symbol, NAME:PRICE_DECIMALS:QTY_DECIMALS comma-separated (0:0 for any "
+        "symbol not named): a price of p ticks reads p / 10**PRICE_DECIMALS.",
+    )
+    scan_max: int = Field(
+        default=2000,
+        ge=1,
+        description="Rows a filtered page (symbol, side, status, order id) may read before it ends early with a "
+        "`next` cursor: bounds the work of one request whatever the filter.",
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        validation_alias=AliasChoices("OHS_API_LOG_FORMAT", "OHS_LOG_FORMAT"),
+        description="Log lines as text, or one JSON object per line.",
+    )
     worker_group: str = Field(
         default="ohs-order-history",
         description="Consumer group of the Faust worker: an event is streamed only once this group has committed "
@@ -89,7 +118,24 @@ class ApiSettings(BaseSettings):
     def _page_sizes(self) -> ApiSettings:
         if self.page_size_default > self.page_size_max:
             raise ValueError("page_size_default must not exceed page_size_max")
+        self.symbol_specs()  # a bad definition stops the start, not a request
+        self.decimals()
         return self
+
+    def symbol_specs(self) -> list[SymbolSpec]:
+        """The symbols, parsed exactly as the engine parses the same text."""
+        return parse_symbols(self.symbols)
+
+    def decimals(self) -> dict[str, tuple[int, int]]:
+        """Symbol -> (price decimals, quantity decimals): how a client turns integer ticks and lots into
+        the decimal numbers people read (price / 10**price_decimals)."""
+        out: dict[str, tuple[int, int]] = {}
+        for item in filter(None, (i.strip() for i in self.symbol_decimals.split(","))):
+            name, price, qty = item.split(":")
+            if not (price.isdigit() and qty.isdigit() and int(price) <= 30 and int(qty) <= 30):
+                raise ValueError(f"symbol_decimals {item!r}: NAME:PRICE_DECIMALS:QTY_DECIMALS, each 0..30")
+            out[name] = (int(price), int(qty))
+        return out
 
     @property
     def hosts(self) -> list[str]:

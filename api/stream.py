@@ -1,4 +1,12 @@
-"""``WS /users/{user_id}/stream?from_seq=N[&from_epoch=E]``: a user's order updates as they happen.
+"""``WS /users/{user_id}/stream?kind=orders|fills|both&from_seq=N[&from_epoch=E]&fills_from_seq=N...``:
+a user's order updates and fills as they happen.
+
+``kind`` chooses what is sent: order updates (the default), fills, or both. A trade's fills for the
+user (one, or two for a self-trade) are one message ``{"type": "fills", "epoch", "seq", "fills"}``,
+each fill as ``GET /users/{user_id}/trades`` shows it. Each kind has its own cursor, ``from_seq`` /
+``from_epoch`` for order updates and ``fills_from_seq`` / ``fills_from_epoch`` for fills: the two
+come from two topics with two commits, so they are each in order but not ordered with each other.
+Everything below holds for each kind on its own.
 
 Each message is one OrderUpdate as a JSON object (``epoch`` and ``seq``
 included), in (epoch, seq) order, each at most once per connection. A client
@@ -28,17 +36,24 @@ import datetime as dt
 import json
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
 
 from fastapi import WebSocket, WebSocketDisconnect
 
 from api.auth import authenticate, bearer_token, decide, log_denial
-from api.live import Hub, LiveEvent, Subscriber
+from api.errors import StorageUnavailable
+from api.live import FILLS, ORDERS, Hub, LiveEvent, Subscriber
+from api.metrics import A
+from api.models import fill_model
 from api.settings import ApiSettings
 from api.store import MAX_BIGINT, Cursor, Store
-from engine.events import OrderUpdate
-from schemas.codec import decode
+from schemas.codec import CodecError, decode
+from schemas.events import OrderUpdate
+from schemas.symbols import SymbolSpec
+from schemas.tables import month_of
 
-__all__ = ["replay", "resume_point", "stream_endpoint"]
+__all__ = ["replay", "replay_fills", "resume_point", "stream_endpoint"]
 
 log = logging.getLogger("ohs.api")
 
@@ -50,6 +65,7 @@ CLOSE_TRY_AGAIN = 1013
 _REPLAY_PAGE = 500
 _READY_TIMEOUT_S = 10.0
 _CLOSE_TIMEOUT_S = 5.0
+_KINDS = {"orders": frozenset({ORDERS}), "fills": frozenset({FILLS}), "both": frozenset({ORDERS, FILLS})}
 
 
 def _int_param(raw: str, name: str, low: int) -> int:
@@ -94,7 +110,11 @@ async def replay(store: Store, user_id: int, cursor: Cursor, days: list[dt.date]
         while True:
             rows = await store.user_updates_after(user_id, day, after, _REPLAY_PAGE)
             for row in rows:
-                ev = decode(row["payload"])
+                try:
+                    ev = decode(row["payload"])
+                except CodecError as exc:  # the worker stores only what it decoded: not expected
+                    log.error("user:%d: undecodable stored event %s: %s", user_id, row["seq"], exc.reason)
+                    continue
                 if isinstance(ev, OrderUpdate):
                     yield LiveEvent.of(ev)
             if len(rows) < _REPLAY_PAGE:
@@ -102,27 +122,78 @@ async def replay(store: Store, user_id: int, cursor: Cursor, days: list[dt.date]
             after = (rows[-1]["epoch"], rows[-1]["seq"])
 
 
+async def replay_fills(
+    store: Store, user_id: int, cursor: Cursor, since_ns: int, specs: dict[str, SymbolSpec]
+) -> AsyncIterator[LiveEvent]:
+    """The user's stored fills after ``cursor`` from ``since_ns`` on, one message per trade, in (epoch, seq)
+    order (the engine's time never decreases along seqs: time order is seq order)."""
+    group: list[dict[str, Any]] = []
+    at: Cursor = (-1, -1)
+    for month in sorted(m for m in await store.trade_months(user_id) if m >= month_of(since_ns)):
+        after: tuple[int, int, int, str] = (since_ns, -1, -1, "")
+        while True:
+            rows = await store.fill_rows(user_id, month, False, after, _REPLAY_PAGE)
+            for row in rows:
+                pos = (row["epoch"], row["seq"])
+                if pos <= cursor:
+                    continue
+                if pos != at and group:
+                    yield LiveEvent.fills(user_id, *at, group)
+                    group = []
+                at = pos
+                group.append(fill_model(row, specs).model_dump(mode="json"))
+            if len(rows) < _REPLAY_PAGE:
+                break
+            last = rows[-1]
+            after = (last["ts_ns"], last["epoch"], last["seq"], last["liquidity"])
+    if group:
+        yield LiveEvent.fills(user_id, *at, group)
+
+
 async def _send(ws: WebSocket, ev: LiveEvent) -> None:
     await ws.send_text(json.dumps(ev.data, separators=(",", ":")))
 
 
-async def _pump(
-    ws: WebSocket, sub: Subscriber, store: Store, s: ApiSettings, from_seq: int | None, from_epoch: int | None
-) -> None:
-    last: Cursor | None = None
-    if from_seq is not None:
-        today = dt.datetime.now(dt.UTC).date()
-        last, days = await resume_point(store, sub.user_id, from_seq, from_epoch, s.stream_lookback_days, today)
-        async for ev in replay(store, sub.user_id, last, days):
+@dataclass(frozen=True)
+class _Resume:
+    from_seq: int | None
+    from_epoch: int | None
+    fills_from_seq: int | None
+    fills_from_epoch: int | None
+
+
+async def _pump(ws: WebSocket, sub: Subscriber, store: Store, s: ApiSettings, r: _Resume) -> None:
+    last: dict[str, Cursor | None] = {ORDERS: None, FILLS: None}
+    today = dt.datetime.now(dt.UTC).date()
+    if ORDERS in sub.kinds and r.from_seq is not None:
+        cursor, days = await resume_point(store, sub.user_id, r.from_seq, r.from_epoch, s.stream_lookback_days, today)
+        last[ORDERS] = cursor
+        async for ev in replay(store, sub.user_id, cursor, days):
             await _send(ws, ev)
-            last = ev.position
+            last[ORDERS] = ev.position
+    if FILLS in sub.kinds and r.fills_from_seq is not None:
+        # The user's order updates locate the cursor in time (every fill comes with updates of its order,
+        # at the same engine time): its fills are on or after the first day walked.
+        cursor, days = await resume_point(
+            store, sub.user_id, r.fills_from_seq, r.fills_from_epoch, s.stream_lookback_days, today
+        )
+        last[FILLS] = cursor
+        since = int(dt.datetime.combine(days[0], dt.time(), dt.UTC).timestamp()) * 10**9
+        async for ev in replay_fills(store, sub.user_id, cursor, since, _specs(s)):
+            await _send(ws, ev)
+            last[FILLS] = ev.position
     while True:
         ev = await sub.queue.get()
         # Kafka may hold a re-sent event twice, and the backfill may have sent what is buffered.
-        if last is not None and ev.position <= last:
+        seen = last[ev.kind]
+        if seen is not None and ev.position <= seen:
             continue
         await _send(ws, ev)
-        last = ev.position
+        last[ev.kind] = ev.position
+
+
+def _specs(s: ApiSettings) -> dict[str, SymbolSpec]:
+    return {spec.name: spec for spec in s.symbol_specs()}
 
 
 async def _drain_client(ws: WebSocket) -> None:
@@ -141,7 +212,6 @@ async def stream_endpoint(ws: WebSocket, user_id: str) -> None:
     app = ws.app
     s: ApiSettings = app.state.settings
     hub: Hub = app.state.hub
-    store: Store = app.state.store
     path = ws.url.path
     await ws.accept()
 
@@ -153,9 +223,17 @@ async def stream_endpoint(ws: WebSocket, user_id: str) -> None:
         return
     try:
         owner = _int_param(user_id, "user_id", 1)
-        raw_seq, raw_epoch = ws.query_params.get("from_seq"), ws.query_params.get("from_epoch")
-        from_seq = None if raw_seq is None else _int_param(raw_seq, "from_seq", 0)
-        from_epoch = None if raw_epoch is None else _int_param(raw_epoch, "from_epoch", 0)
+        q = ws.query_params
+        cursors = {
+            name: None if q.get(name) is None else _int_param(q[name], name, 0)
+            for name in ("from_seq", "from_epoch", "fills_from_seq", "fills_from_epoch")
+        }
+        kinds = _KINDS.get(q.get("kind", "orders"))
+        if kinds is None:
+            raise ValueError("kind must be orders, fills or both")
+        if ORDERS not in kinds and cursors["from_seq"] is not None:
+            raise ValueError("from_seq is the order updates' cursor: fills resume from fills_from_seq")
+        resume = _Resume(**cursors)
     except ValueError as exc:
         await _close(ws, CLOSE_POLICY, str(exc))
         return
@@ -164,14 +242,19 @@ async def stream_endpoint(ws: WebSocket, user_id: str) -> None:
         await _close(ws, CLOSE_FORBIDDEN, "forbidden")
         return
 
+    store: Store | None = app.state.store
+    if store is None:
+        await _close(ws, CLOSE_TRY_AGAIN, "storage unavailable, retry")
+        return
     try:
         await asyncio.wait_for(hub.ready.wait(), _READY_TIMEOUT_S)
     except TimeoutError:
         await _close(ws, CLOSE_TRY_AGAIN, "live stream not ready, retry")
         return
-    sub = hub.subscribe(owner)  # before the backfill: see the module docstring
+    sub = hub.subscribe(owner, kinds)  # before the backfill: see the module docstring
+    A.ws_subscribers.inc()
     tasks = {
-        asyncio.create_task(_pump(ws, sub, store, s, from_seq, from_epoch)),
+        asyncio.create_task(_pump(ws, sub, store, s, resume)),
         asyncio.create_task(_drain_client(ws)),
     }
     overflow = asyncio.create_task(sub.overflowed.wait())
@@ -179,6 +262,7 @@ async def stream_endpoint(ws: WebSocket, user_id: str) -> None:
         done, _ = await asyncio.wait({*tasks, overflow}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         hub.unsubscribe(sub)
+        A.ws_subscribers.dec()
         for task in (*tasks, overflow):
             task.cancel()
         await asyncio.gather(*tasks, overflow, return_exceptions=True)
@@ -188,6 +272,9 @@ async def stream_endpoint(ws: WebSocket, user_id: str) -> None:
         return
     for task in done:
         error = task.exception()
-        if error is not None and not isinstance(error, WebSocketDisconnect | OSError):
+        if isinstance(error, StorageUnavailable):
+            log.info("stream user:%d closed: %s", owner, error)
+            await _close(ws, CLOSE_TRY_AGAIN, "storage unavailable, reconnect with from_seq")
+        elif error is not None and not isinstance(error, WebSocketDisconnect | OSError):
             log.error("stream user:%d failed", owner, exc_info=error)
             await _close(ws, CLOSE_INTERNAL, "internal error, reconnect with from_seq")

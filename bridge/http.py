@@ -1,9 +1,11 @@
 """The bridge's HTTP endpoint: ``/metrics`` (Prometheus) and ``/health`` (JSON).
 
-``/health`` answers 200 while the main loop has turned within the last
-``stale_after_s`` seconds, 503 otherwise (stuck on Kafka, or dead): what an
-orchestrator's liveness probe needs. It also reports the watermark, the
-engine's last seq and the records in flight.
+``/health`` answers 200 while the bridge is running and its main loop has
+turned within the last ``stale_after_s`` seconds; 503 with ``status``
+``starting`` while it is still trying to reach Kafka (the endpoint is served
+before the first attempt), ``stale`` when the loop is stuck, ``stopping`` on
+the way out. It also reports the epoch, watermark, acknowledged seq ceiling,
+the engine's last seq and the records in flight or waiting.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ def serve(
                 st = status()
                 age = time.monotonic() - float(st.pop("last_loop", 0.0))  # type: ignore[arg-type]
                 st["loop_age_s"] = round(age, 3)
-                code = 200 if age < stale_after_s else 503
-                st["status"] = "ok" if code == 200 else "stale"
+                phase = st.get("phase", "running")
+                code = 200 if phase == "running" and age < stale_after_s else 503
+                st["status"] = "ok" if code == 200 else ("stale" if phase == "running" else phase)
                 body, ctype = json.dumps(st).encode(), "application/json"
             else:
                 body, code, ctype = b"not found\n", 404, "text/plain"

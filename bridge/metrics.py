@@ -20,6 +20,19 @@ class _Metrics:
         self.watermark = Gauge("ohs_bridge_watermark", "Highest seq with every seq below acknowledged")
         self.engine_seq = Gauge("ohs_bridge_engine_seq", "Highest seq the engine reported")
         self.in_flight = Gauge("ohs_bridge_in_flight", "Events handed to the producer, not yet acknowledged")
+        self.ceiling = Gauge("ohs_bridge_ceiling", "Seq ceiling of the current epoch acknowledged in the checkpoint")
+        self.outbox = Gauge("ohs_bridge_outbox", "Records waiting in order for the ceiling or a free producer queue")
+        self.ignored_heartbeats = Counter(
+            "ohs_bridge_ignored_heartbeats_total", "Heartbeats of an epoch the engine did not confirm"
+        )
+        self.dead_letter_failures = Counter(
+            "ohs_bridge_dead_letter_failures_total", "Dead letters Kafka refused even without their payload"
+        )
+        self.loop_errors = Counter("ohs_bridge_loop_errors_total", "Unexpected errors caught and survived by the loop")
+        self.producer_resets = Counter(
+            "ohs_bridge_producer_resets_total", "Producers replaced after a fatal error (replayed from the watermark)"
+        )
+        self.connect_attempts = Counter("ohs_bridge_connect_attempts_total", "Attempts to reach Kafka at start")
         self.produce_latency = Histogram(
             "ohs_bridge_produce_latency_seconds",
             "From hand-off to the producer to Kafka's acknowledgement",

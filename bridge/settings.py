@@ -23,7 +23,18 @@ class BridgeSettings(BaseSettings):
         validation_alias=AliasChoices("OHS_BRIDGE_KAFKA_BOOTSTRAP", "OHS_KAFKA_BOOTSTRAP"),
         description="Kafka/Redpanda bootstrap servers.",
     )
-    feed_endpoint: str = Field(default="tcp://127.0.0.1:5556", description="Engine feed to PULL from (connect).")
+    feed_endpoint: str = Field(
+        default="tcp://127.0.0.1:5556",
+        description="Engine feed (PUB) to subscribe to (connect); several may be given, comma-separated.",
+    )
+    feed_rcvhwm: int = Field(
+        default=2_000,
+        ge=1,
+        description=(
+            "Feed messages (batches of up to ~64 KiB) queued for this bridge before ZeroMQ drops the rest "
+            "(found missing and replayed from the engine)."
+        ),
+    )
     replay_endpoint: str = Field(default="tcp://127.0.0.1:5557", description="Engine replay service (connect).")
     topic_updates: str = Field(default="orders.updates", description="OrderUpdate topic.")
     topic_trades: str = Field(default="orders.trades", description="Trade topic (one record per side).")
@@ -39,10 +50,41 @@ class BridgeSettings(BaseSettings):
     )
     partitions: int = Field(default=6, description="Partitions of the event topics when the bridge creates them.")
     retention_ms: int = Field(default=7 * 24 * 3600 * 1000, description="Retention of the event topics it creates.")
-    max_message_bytes: int = Field(default=1_048_576, description="Larger payloads are dead-lettered as oversized.")
+    max_message_bytes: int = Field(
+        default=1_000_000,
+        ge=16_384,
+        description=(
+            "Largest record the bridge produces (value + key + headers): larger events are dead-lettered, and "
+            "dead letters are cut to fit. Keep it below the broker's message.max.bytes (1 MiB by default)."
+        ),
+    )
+    max_frame_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=65_536,
+        description="Largest feed frame ZeroMQ accepts; a peer sending more is disconnected (the seq is replayed).",
+    )
     gap_wait_ms: int = Field(default=100, description="How long a hole may stay open before a replay is requested.")
     replay_timeout_ms: int = Field(default=5_000, description="How long to wait for the engine's replay service.")
-    max_in_flight: int = Field(default=200_000, description="Unacknowledged records before the bridge stops reading.")
+    max_in_flight: int = Field(
+        default=200_000, ge=1, description="Unacknowledged or waiting records before the bridge stops reading."
+    )
+    max_pending: int = Field(
+        default=100_000, ge=1, description="Early seqs waiting above a hole before the bridge stops reading."
+    )
+    ceiling_lease: int = Field(
+        default=100_000,
+        ge=2,
+        description="Seqs of the ceiling lease: the checkpoint's ceiling is renewed to received + this, at half-way.",
+    )
+    epoch_check_ms: int = Field(
+        default=1_000, ge=0, description="How long the replay service's answer about its epoch is reused."
+    )
+    connect_backoff_max_ms: int = Field(
+        default=10_000, ge=100, description="Longest wait between attempts to reach Kafka at start (jittered)."
+    )
+    kafka_timeout_ms: int = Field(
+        default=10_000, ge=100, description="Timeout of one metadata/admin/checkpoint read at start."
+    )
     checkpoint_ms: int = Field(default=200, description="How often the watermark is written to the checkpoint topic.")
     linger_ms: int = Field(default=5, description="Producer linger (batching).")
     compression: str = Field(default="lz4", description="Producer compression codec.")

@@ -17,6 +17,10 @@ A hole is (R, first pending) or, when a heartbeat says the engine is at H > R
 with nothing pending, (R, H]. A hole is reported once it has stayed open for
 ``wait``, then again only after ``retry_after`` has passed without it closing
 (the replay request may have been lost).
+
+Heartbeats and early seqs come from the feed, which is not trusted to tell the
+truth about seqs: ``engine_is_at`` applies the replay service's answer and hands
+back what waits beyond the engine's real last seq, for the dead-letter topic.
 """
 
 from __future__ import annotations
@@ -42,9 +46,8 @@ class SeqTracker:
     engine_last: int = 0
     """Highest seq the engine said it has (heartbeats, events)."""
     pending: dict[int, object] = field(default_factory=dict)
-    """Early seqs and their payloads, held back until the hole below them closes."""
-    max_pending: int = 100_000
-    """Beyond this many early seqs, new ones are dropped: the replay brings them again."""
+    """Early seqs and their payloads, held back until the hole below them closes. Never dropped
+    here: the bridge stops reading the feed while too many wait (see ``Bridge``)."""
     _acked_above: set[int] = field(default_factory=set)
     _outstanding: dict[int, int] = field(default_factory=dict)
     """seq -> records still awaiting acknowledgement."""
@@ -65,8 +68,7 @@ class SeqTracker:
         if seq <= self.received or seq in self.pending:
             return []
         if seq != self.received + 1:
-            if len(self.pending) < self.max_pending:
-                self.pending[seq] = item
+            self.pending[seq] = item
             return []
         ready = [item]
         self.received = seq
@@ -81,6 +83,22 @@ class SeqTracker:
     def heartbeat(self, last_seq: int) -> None:
         if last_seq > self.engine_last:
             self.engine_last = last_seq
+
+    def engine_is_at(self, last_seq: int) -> list[tuple[int, object]]:
+        """The engine's replay service (authoritative) says its last seq is ``last_seq``: what
+        waits above it was never emitted by the engine (forged, or lost with an unsynced journal).
+        Returns those (seq, item) pairs, removed, and lowers ``engine_last`` to the truth (a
+        forged heartbeat may have raised it)."""
+        beyond = sorted(seq for seq in self.pending if seq > last_seq)
+        out = [(seq, self.pending.pop(seq)) for seq in beyond]
+        self.engine_last = max(last_seq, self.received, max(self.pending, default=0))
+        return out
+
+    def take_pending(self) -> list[tuple[int, object]]:
+        """Everything waiting above a hole, removed (the epoch is over: the hole will never fill)."""
+        out = sorted(self.pending.items())
+        self.pending.clear()
+        return out
 
     # ----------------------------------------------------------------- acking
     def expect(self, seq: int, records: int) -> None:

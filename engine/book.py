@@ -1,10 +1,15 @@
 """One symbol's order book: price levels with FIFO queues (price-time priority).
 
-Each side keeps a dict ``price -> deque[Order]`` and a sorted list of its
-prices, so the best price is ``prices[0]`` in O(1), a new level costs one
-``bisect.insort`` and removing an order from the front of a level (the common
-case: it was filled) is O(1). Cancelling from the middle of a level is
-O(level length), which is short in practice and keeps the structure simple.
+Each side keeps a dict ``key -> Level`` and a sorted list of its keys (``sign * price``, so both
+sides sort ascending with the best price first): the best level is ``levels[prices[0]]`` in O(1),
+a new level costs one ``bisect.insort``, and taking the front order of a level (the common case:
+it was filled) is O(1). Cancelling from the middle of a level is O(level length), which is short
+in practice and keeps the structure simple. A level also keeps the total remaining quantity of its
+orders, so a fill-or-kill check looks at levels, not orders.
+
+``validate`` is the book checking itself (as exchange-core's ``validateInternalState``): the price
+index against the levels, each level's total and orders against what it holds, every order's side,
+price and state; the engine adds what lies between books (``Engine.validate_internal_state``).
 
 Standard library only.
 """
@@ -15,9 +20,12 @@ import bisect
 from collections import deque
 from collections.abc import Iterator
 
-from engine.events import OrderStatus, OrderType, OrderUpdate, Side, TimeInForce
+from engine.ledger import Cell
+from schemas.events import OrderStatus, OrderType, OrderUpdate, Side, TimeInForce
 
-__all__ = ["Order", "OrderBook"]
+__all__ = ["Level", "Order", "OrderBook"]
+
+_OPEN = (OrderStatus.NEW, OrderStatus.PARTIALLY_FILLED)
 
 
 class Order:
@@ -30,6 +38,7 @@ class Order:
         "filled_qty",
         "last_event",
         "lock_asset",
+        "lock_cell",
         "locked",
         "order_id",
         "order_type",
@@ -37,6 +46,7 @@ class Order:
         "qty",
         "quote_budget",
         "quote_filled",
+        "recv_cell",
         "side",
         "status",
         "symbol",
@@ -80,12 +90,26 @@ class Order:
         self.lock_asset = lock_asset
         self.locked = 0
         """What this order still holds locked, in ``lock_asset``."""
+        self.lock_cell: Cell | None = None
+        """The ledger cell of (user, lock_asset), once the order is accepted."""
+        self.recv_cell: Cell | None = None
+        """The ledger cell of the asset its fills pay it (base for a buy, quote for a sell)."""
         self.last_event: OrderUpdate | None = None
         """The last OrderUpdate emitted for this order (its state as consumers know it)."""
 
     @property
     def remaining(self) -> int:
         return self.qty - self.filled_qty
+
+
+class Level:
+    """The orders resting at one price, in time priority, and their total remaining quantity."""
+
+    __slots__ = ("orders", "total")
+
+    def __init__(self) -> None:
+        self.orders: deque[Order] = deque()
+        self.total = 0
 
 
 class _Side:
@@ -96,36 +120,70 @@ class _Side:
         # with the best price first: bids use -price, asks use +price.
         self.sign = sign
         self.prices: list[int] = []
-        self.levels: dict[int, deque[Order]] = {}
+        self.levels: dict[int, Level] = {}
 
     def add(self, order: Order) -> None:
         key = self.sign * order.price
         level = self.levels.get(key)
         if level is None:
-            level = self.levels[key] = deque()
+            level = self.levels[key] = Level()
             bisect.insort(self.prices, key)
-        level.append(order)
+        level.orders.append(order)
+        level.total += order.qty - order.filled_qty
 
     def remove(self, order: Order) -> None:
         key = self.sign * order.price
         level = self.levels[key]
-        if level[0] is order:
-            level.popleft()
+        orders = level.orders
+        if orders[0] is order:
+            orders.popleft()
         else:
-            level.remove(order)
-        if not level:
+            orders.remove(order)
+        level.total -= order.qty - order.filled_qty
+        if not orders:
             del self.levels[key]
             del self.prices[bisect.bisect_left(self.prices, key)]
+
+    def filled_front(self, level: Level, qty: int, done: bool) -> None:
+        """The best level's front order got ``qty`` filled; ``done``: it is filled and leaves."""
+        level.total -= qty
+        if done:
+            level.orders.popleft()
+            if not level.orders:
+                del self.levels[self.prices[0]]
+                del self.prices[0]
 
     def best(self) -> Order | None:
         if not self.prices:
             return None
-        return self.levels[self.prices[0]][0]
+        return self.levels[self.prices[0]].orders[0]
 
     def iter_orders(self) -> Iterator[Order]:
         """Every resting order, best price first, FIFO within a price."""
         for key in self.prices:
-            yield from self.levels[key]
+            yield from self.levels[key].orders
+
+    def validate(self, name: str, side: Side) -> list[str]:
+        problems: list[str] = []
+        if any(a >= b for a, b in zip(self.prices, self.prices[1:], strict=False)):
+            problems.append(f"{name}: price index not strictly ascending: {self.prices[:10]}")
+        if set(self.prices) != set(self.levels):
+            problems.append(f"{name}: price index {sorted(self.prices)[:10]} != levels {sorted(self.levels)[:10]}")
+        for key, level in self.levels.items():
+            if not level.orders:
+                problems.append(f"{name} {self.sign * key}: an empty level")
+            total = 0
+            for o in level.orders:
+                total += o.qty - o.filled_qty
+                if o.side is not side or self.sign * o.price != key:
+                    problems.append(f"{name} {self.sign * key}: order {o.order_id} ({o.side}, {o.price}) is misplaced")
+                if o.status not in _OPEN or o.qty - o.filled_qty <= 0:
+                    problems.append(f"{name}: order {o.order_id} rests with status {o.status}, remaining {o.remaining}")
+                if o.order_type is not OrderType.LIMIT or o.time_in_force not in (TimeInForce.GTC, TimeInForce.GTT):
+                    problems.append(f"{name}: order {o.order_id} ({o.order_type}, {o.time_in_force}) cannot rest")
+            if total != level.total:
+                problems.append(f"{name} {self.sign * key}: level total {level.total} but its orders hold {total}")
+        return problems
 
 
 class OrderBook:
@@ -150,9 +208,29 @@ class OrderBook:
     def remove(self, order: Order) -> None:
         self.side(order.side).remove(order)
 
+    def orders(self) -> Iterator[Order]:
+        """Every resting order, level by level (in no particular order: also when the price index is damaged)."""
+        for side in (self.bids, self.asks):
+            for level in side.levels.values():
+                yield from level.orders
+
+    def validate(self) -> list[str]:
+        """Every inconsistency of the book's own structure, as a sentence; empty when there is none."""
+        problems = self.bids.validate(f"{self.symbol} bids", Side.BUY) + self.asks.validate(
+            f"{self.symbol} asks", Side.SELL
+        )
+        if self.bids.prices and self.asks.prices and -self.bids.prices[0] >= self.asks.prices[0]:
+            problems.append(
+                f"{self.symbol}: crossed book, best bid {-self.bids.prices[0]} >= best ask {self.asks.prices[0]}"
+            )
+        for o in self.orders():
+            if o.symbol != self.symbol:
+                problems.append(f"{self.symbol}: order {o.order_id} of {o.symbol} in this book")
+        return problems
+
     def snapshot(self) -> tuple[list[tuple[int, list[int]]], list[tuple[int, list[int]]]]:
         """(bids, asks) as [(price, [order_id, ...]), ...], best first: for state hashes."""
         out = []
         for s in (self.bids, self.asks):
-            out.append([(s.sign * key, [o.order_id for o in s.levels[key]]) for key in s.prices])
+            out.append([(s.sign * key, [o.order_id for o in s.levels[key].orders]) for key in s.prices])
         return out[0], out[1]

@@ -1,15 +1,20 @@
-"""``ohs engine run | simulate | info``."""
+"""``ohs engine run | simulate | info | migrate-journal``."""
 
 from __future__ import annotations
 
 import json
 import signal
 import time
+from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import click
 
 from engine.settings import EngineSettings
+
+if TYPE_CHECKING:
+    from engine.service import EngineService
 
 __all__ = ["engine"]
 
@@ -33,10 +38,24 @@ class _Stop:
 @click.pass_context
 def engine(ctx: click.Context) -> None:
     """The matching engine: gateway, feed, replay service, simulator."""
-    from ohs.logs import setup_logging
+    from kit.logs import setup_logging
 
     ctx.obj = EngineSettings()  # read once, here; the subcommands take it from the context
     setup_logging(ctx.obj.log_format)
+
+
+def _serve_http(settings: EngineSettings, service: EngineService) -> None:
+    """/metrics and /health on OHS_ENGINE_METRICS_PORT, from a thread (0 disables)."""
+    if settings.metrics_port:
+        from engine.http import serve
+
+        serve(
+            settings.metrics_port,
+            lambda: service.stats,
+            service.status,
+            host=settings.metrics_host,
+            stale_after_s=max(10.0, 5 * max(settings.tick_ms, settings.heartbeat_ms) / 1000.0),
+        )
 
 
 @engine.command()
@@ -46,6 +65,7 @@ def run(settings: EngineSettings) -> None:
     from engine.service import EngineService
 
     service = EngineService(settings)
+    _serve_http(settings, service)
     stop = _Stop()
     click.echo(f"engine epoch={service.engine.epoch} last_seq={service.engine.last_seq} serving", err=True)
     try:
@@ -83,6 +103,7 @@ def simulate(
     if not 1 <= n_symbols <= len(specs):
         raise click.BadParameter(f"between 1 and {len(specs)} (configured symbols)", param_hint="--symbols")
     service = EngineService(settings)
+    _serve_http(settings, service)
     stop = _Stop()
     try:
         report = run_flow(service, users, rate, duration, seed, n_symbols=n_symbols, should_stop=stop)
@@ -109,8 +130,51 @@ def simulate(
 def info(settings: EngineSettings) -> None:
     """Epoch and last seq of the journal (recovering it, which also verifies it)."""
     from engine.journal import Journal
-    from engine.recovery import recover
+    from engine.recovery import RecoveryReport, recover
 
-    journal = Journal.open(settings.journal_dir, settings.symbol_specs(), fsync="never")
-    eng, commands = recover(journal)
-    click.echo(json.dumps({"epoch": eng.epoch, "last_seq": eng.last_seq, "commands": commands}))
+    report = RecoveryReport()
+    with Journal.open(settings.journal_dir, settings.symbol_specs(), fsync="never") as journal:
+        eng, commands = recover(journal, report)
+    out: dict[str, object] = {"epoch": eng.epoch, "last_seq": eng.last_seq, "commands": commands}
+    if report.unchecked or report.unpublishable:
+        out.update(unchecked=report.unchecked, unpublishable=report.unpublishable)
+        out["unpublishable_examples"] = [list(e) for e in report.examples]
+    click.echo(json.dumps(out))
+
+
+@engine.command("migrate-journal")
+@click.option(
+    "--journal-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Directory of the journal to migrate (default: OHS_ENGINE_JOURNAL_DIR).",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Where to write the format-3 journal (default: journal.format3.log beside the old one).",
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.pass_obj
+def migrate_journal(settings: EngineSettings, journal_dir: Path | None, out: Path | None, force: bool) -> None:
+    """Re-execute a format 1/2 journal, verify every event, and write its format-3 journal beside it.
+
+    The old journal is not touched. Switch with the engine stopped:
+    mv journal.log journal.format2.log && mv journal.format3.log journal.log (docs/engine.md)."""
+    from engine.journal import JournalError
+    from engine.migrate import migrate
+
+    directory = journal_dir or settings.journal_dir
+    try:
+        report = migrate(directory, target=out, force=force)
+    except JournalError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(json.dumps(report.as_dict()))
+    old = report.source.with_name(f"journal.format{report.format}.log")
+    click.echo(
+        f"verified {report.commands} commands and {report.events} events (epoch {report.epoch}, last seq "
+        f"{report.last_seq}). To switch, with the engine stopped:\n  mv {report.source} {old}\n"
+        f"  mv {report.target} {report.source}",
+        err=True,
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -11,11 +12,17 @@ import zmq
 
 from engine.interfaces import EngineError
 
-__all__ = ["EngineClient", "EngineClientError", "Result"]
+__all__ = ["EngineClient", "EngineClientError", "EngineTimeout", "Result", "engine_info"]
 
 
 class EngineClientError(EngineError):
-    """The gateway did not answer in time, or refused the request as malformed."""
+    """The gateway refused the request as malformed: sending it again is refused again."""
+
+    retriable = False
+
+
+class EngineTimeout(EngineClientError):
+    """The gateway did not answer in time: the engine may be busy or restarting, try again."""
 
     retriable = True
 
@@ -45,7 +52,7 @@ class EngineClient:
         if not self._sock.poll(self._timeout_ms):
             # The reply may still come later and would be mistaken for the next one's.
             self.close()
-            raise EngineClientError(f"no answer from the engine gateway within {self._timeout_ms} ms")
+            raise EngineTimeout(f"no answer from the engine gateway within {self._timeout_ms} ms")
         status, body = self._sock.recv_multipart()
         if status != b"OK":
             raise EngineClientError(body.decode(errors="replace"))
@@ -97,3 +104,20 @@ class EngineClient:
 
     def close(self) -> None:
         self._sock.close(linger=0)
+
+
+def engine_info(endpoint: str) -> tuple[int, int] | None:
+    """(epoch, last seq) from the engine's replay service (``INFO``), or None when it does not answer in 1 s."""
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(endpoint)
+    try:
+        sock.send_multipart([b"INFO"])
+        if not sock.poll(1000):
+            return None
+        _, body = sock.recv_multipart()
+        epoch, last = struct.unpack(">QQ", body)
+        return int(epoch), int(last)
+    except (zmq.ZMQError, ValueError, struct.error):
+        return None
+    finally:
+        sock.close(linger=0)

@@ -8,6 +8,14 @@ seqs, same ids): determinism is what makes recovery checkable.
 ``AdvanceTime`` is how GTT expiry happens: the engine never reads a clock, the
 edge sends it a tick and orders whose ``expire_ns <= ts_ns`` expire then.
 
+Wire ranges: everything a command carries must be representable where its
+events go (an Avro ``long`` and a CQL ``bigint`` are signed 64-bit; the feed
+header's user keys are unsigned), and every amount small enough that nothing
+derived from it can overflow. The bounds are here (the wire ranges defined by the
+contract, ``schemas.events``, re-exported) so the core, the reference engine and
+the gateway use the same numbers; the rules that apply them are in
+``engine.core``'s docstring.
+
 Standard library only.
 """
 
@@ -16,9 +24,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
-from engine.events import Event, OrderType, RejectReason, Side, TimeInForce
+# The wire ranges are the contract's (schemas.events); re-exported here beside the engine's own bound.
+from schemas.events import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_CLIENT_ORDER_ID,
+    MAX_NAME,
+    Event,
+    OrderType,
+    RejectReason,
+    Side,
+    TimeInForce,
+)
 
 __all__ = [
+    "INT64_MAX",
+    "INT64_MIN",
+    "MAX_AMOUNT",
+    "MAX_CLIENT_ORDER_ID",
+    "MAX_NAME",
     "AdvanceTime",
     "CancelOrder",
     "Command",
@@ -27,6 +51,12 @@ __all__ = [
     "PlaceOrder",
     "Withdraw",
 ]
+
+MAX_AMOUNT = 2**62 - 1
+"""Largest price, quantity, quote budget, deposit or withdrawal, limit-order notional (price * qty)
+and total supply of an asset (deposits - withdrawals). Half the long range, so that the largest
+derived sum, an order's ``quote_filled`` (at most the supply it swept as a taker plus its own
+price * qty once resting), still fits in a signed 64-bit integer."""
 
 
 @dataclass(frozen=True, slots=True)

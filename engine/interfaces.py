@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from engine.commands import Command, CommandResult
-from engine.events import OrderUpdate
+from schemas.events import OrderUpdate
+from schemas.symbols import SymbolSpec  # the contract's; re-exported for the engine's modules
 
 __all__ = ["Balance", "EngineError", "MatchingCore", "SymbolSpec"]
 
@@ -23,22 +24,6 @@ class EngineError(Exception):
     """Root of the engine package's exceptions (never raised for a rejection)."""
 
     retriable: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class SymbolSpec:
-    """A tradable pair. Price units * quantity units = quote units."""
-
-    name: str
-    """E.g. "BTC-USD"."""
-    base: str
-    """Asset bought by a buy order, e.g. "BTC"."""
-    quote: str
-    """Asset paid by a buy order, e.g. "USD"."""
-    tick_size: int = 1
-    """Valid prices are positive multiples of this."""
-    lot_size: int = 1
-    """Valid quantities are positive multiples of this."""
 
 
 @dataclass(frozen=True, slots=True)

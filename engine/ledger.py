@@ -1,8 +1,10 @@
-"""Balances per user and asset: ``available`` and ``locked``.
+"""Balances per user and asset: ``available`` and ``locked``, one ``Cell`` each.
 
-Every mutation goes through a method that records what changed, so the
-engine can emit one BalanceUpdate per (user, asset) touched by a step, with
-the absolute values after the change (consumers apply them idempotently).
+The engine holds on to cells (an accepted order keeps the cell of what it locks and of what its
+fills pay it) and moves amounts between them directly; it emits one BalanceUpdate per cell a step
+changed, with the absolute values after the step (consumers apply them idempotently), and knows
+which cells a step changes without bookkeeping per move (``engine.core``). A cell, once created,
+is never removed; a cell holding nothing is as good as none (``snapshot`` and ``get`` agree).
 
 Conservation: per asset, the sum over all users (the fee account included) of
 available + locked always equals deposits - withdrawals. ``check`` proves it.
@@ -12,89 +14,73 @@ Standard library only.
 
 from __future__ import annotations
 
-__all__ = ["Ledger"]
+__all__ = ["Cell", "Ledger"]
+
+
+class Cell:
+    """One user's balance of one asset."""
+
+    __slots__ = ("asset", "available", "locked", "user")
+
+    def __init__(self, user: int, asset: str) -> None:
+        self.user = user
+        self.asset = asset
+        self.available = 0
+        self.locked = 0
 
 
 class Ledger:
-    __slots__ = ("_accounts", "_net", "_touched")
+    __slots__ = ("_accounts", "_net")
 
     def __init__(self) -> None:
-        # user -> asset -> [available, locked]; lists so a hot path mutates in place.
-        self._accounts: dict[int, dict[str, list[int]]] = {}
+        self._accounts: dict[int, dict[str, Cell]] = {}
         self._net: dict[str, int] = {}
         """Per asset: deposits - withdrawals."""
-        self._touched: dict[tuple[int, str], list[int]] = {}
-        """(user, asset) -> [delta_available, delta_locked] since the last ``drain``."""
 
-    def _cell(self, user: int, asset: str) -> list[int]:
+    def cell(self, user: int, asset: str) -> Cell:
         acc = self._accounts.get(user)
         if acc is None:
             acc = self._accounts[user] = {}
         cell = acc.get(asset)
         if cell is None:
-            cell = acc[asset] = [0, 0]
+            cell = acc[asset] = Cell(user, asset)
         return cell
-
-    def _move(self, user: int, asset: str, d_avail: int, d_locked: int) -> None:
-        cell = self._cell(user, asset)
-        cell[0] += d_avail
-        cell[1] += d_locked
-        key = (user, asset)
-        t = self._touched.get(key)
-        if t is None:
-            self._touched[key] = [d_avail, d_locked]
-        else:
-            t[0] += d_avail
-            t[1] += d_locked
 
     def get(self, user: int, asset: str) -> tuple[int, int]:
         acc = self._accounts.get(user)
         if acc is None:
             return 0, 0
         cell = acc.get(asset)
-        return (0, 0) if cell is None else (cell[0], cell[1])
+        return (0, 0) if cell is None else (cell.available, cell.locked)
+
+    def supply(self, asset: str) -> int:
+        """Deposits - withdrawals of ``asset``: the sum of every balance of it."""
+        return self._net.get(asset, 0)
 
     def available(self, user: int, asset: str) -> int:
         return self.get(user, asset)[0]
 
-    def deposit(self, user: int, asset: str, amount: int) -> None:
+    def deposit(self, user: int, asset: str, amount: int) -> Cell:
         self._net[asset] = self._net.get(asset, 0) + amount
-        self._move(user, asset, amount, 0)
+        cell = self.cell(user, asset)
+        cell.available += amount
+        return cell
 
-    def withdraw(self, user: int, asset: str, amount: int) -> None:
+    def withdraw(self, user: int, asset: str, amount: int) -> Cell:
         self._net[asset] = self._net.get(asset, 0) - amount
-        self._move(user, asset, -amount, 0)
-
-    def lock(self, user: int, asset: str, amount: int) -> None:
-        self._move(user, asset, -amount, amount)
-
-    def unlock(self, user: int, asset: str, amount: int) -> None:
-        self._move(user, asset, amount, -amount)
-
-    def spend_locked(self, user: int, asset: str, amount: int) -> None:
-        """Amount leaves the user's locked funds (paid to a counterparty)."""
-        self._move(user, asset, 0, -amount)
-
-    def credit(self, user: int, asset: str, amount: int) -> None:
-        self._move(user, asset, amount, 0)
-
-    def drain(self) -> list[tuple[int, str, int, int, int, int]]:
-        """(user, asset, available, locked, d_available, d_locked) of every cell changed
-        since the last drain, in first-touched order, skipping net-zero changes."""
-        out = []
-        for (user, asset), (da, dl) in self._touched.items():
-            if da or dl:
-                avail, locked = self._accounts[user][asset]
-                out.append((user, asset, avail, locked, da, dl))
-        self._touched.clear()
-        return out
+        cell = self.cell(user, asset)
+        cell.available -= amount
+        return cell
 
     def check(self, expected_locked: dict[tuple[int, str], int]) -> list[str]:
         """Violations of conservation, non-negativity and lock accounting."""
         problems: list[str] = []
         totals: dict[str, int] = {}
         for user, acc in self._accounts.items():
-            for asset, (avail, locked) in acc.items():
+            for asset, cell in acc.items():
+                avail, locked = cell.available, cell.locked
+                if (cell.user, cell.asset) != (user, asset):
+                    problems.append(f"cell of user {user} {asset} says it is user {cell.user} {cell.asset}")
                 totals[asset] = totals.get(asset, 0) + avail + locked
                 if avail < 0 or locked < 0:
                     problems.append(f"user {user} {asset}: negative balance avail={avail} locked={locked}")
@@ -114,4 +100,9 @@ class Ledger:
 
     def snapshot(self) -> list[tuple[int, str, int, int]]:
         """Every non-empty cell, sorted: for state hashes."""
-        return sorted((u, a, c[0], c[1]) for u, acc in self._accounts.items() for a, c in acc.items() if c[0] or c[1])
+        return sorted(
+            (u, a, c.available, c.locked)
+            for u, acc in self._accounts.items()
+            for a, c in acc.items()
+            if c.available or c.locked
+        )

@@ -17,8 +17,22 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from engine.commands import AdvanceTime, CancelOrder, Command, CommandResult, Deposit, PlaceOrder, Withdraw
-from engine.events import (
+from engine.commands import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_AMOUNT,
+    MAX_CLIENT_ORDER_ID,
+    MAX_NAME,
+    AdvanceTime,
+    CancelOrder,
+    Command,
+    CommandResult,
+    Deposit,
+    PlaceOrder,
+    Withdraw,
+)
+from engine.interfaces import Balance, SymbolSpec
+from schemas.events import (
     BalanceReason,
     BalanceUpdate,
     Event,
@@ -30,7 +44,6 @@ from engine.events import (
     TimeInForce,
     Trade,
 )
-from engine.interfaces import Balance, SymbolSpec
 
 __all__ = ["ReferenceEngine"]
 
@@ -77,6 +90,7 @@ class ReferenceEngine:
         self.bal: dict[tuple[int, str], list[int]] = {}
         self.net: dict[str, int] = {}
         self.seq = 0
+        self.user_updates: dict[int, int] = {}
         self.next_id = 1
         self.next_trade = 1
         self.out: list[Event] = []
@@ -108,6 +122,7 @@ class ReferenceEngine:
         self, o: _O, fill: tuple[int, int, int] = (0, 0, 0), reason: RejectReason = RejectReason.NONE
     ) -> None:
         self.seq += 1
+        self.user_updates[o.user] = self.user_updates.get(o.user, 0) + 1
         done = o.status in (
             OrderStatus.FILLED,
             OrderStatus.CANCELLED,
@@ -139,6 +154,7 @@ class ReferenceEngine:
             created_ns=o.created,
             updated_ns=o.updated,
             expire_ns=o.expire,
+            user_seq=self.user_updates[o.user],
         )
         self.out.append(o.last)
 
@@ -166,7 +182,57 @@ class ReferenceEngine:
         return {c: (self._b(*c)[0], self._b(*c)[1]) for c in cells}
 
     # ---------------------------------------------------------------- execution
+    def _out_of_range(self, cmd: Command) -> RejectReason | None:
+        """The wire-range rules, checked before anything happens (a rejection there is a bare result)."""
+
+        def long(v: int, hi: int = INT64_MAX) -> bool:
+            return INT64_MIN <= v <= hi
+
+        def text(v: str, most: int) -> bool:
+            try:
+                v.encode("utf-8")
+            except UnicodeError:
+                return False
+            return len(v) <= most
+
+        if isinstance(cmd, AdvanceTime):
+            return None
+        if cmd.user_id < 0 or cmd.user_id > INT64_MAX:
+            return RejectReason.INVALID_USER
+        if isinstance(cmd, PlaceOrder):
+            checks = [
+                (text(cmd.symbol, MAX_NAME), RejectReason.UNKNOWN_SYMBOL),
+                (text(cmd.client_order_id, MAX_CLIENT_ORDER_ID), RejectReason.INVALID_CLIENT_ORDER_ID),
+                (long(cmd.price, MAX_AMOUNT), RejectReason.INVALID_PRICE),
+                (long(cmd.qty, MAX_AMOUNT), RejectReason.INVALID_QUANTITY),
+                (
+                    cmd.order_type is MARKET or cmd.price < 1 or cmd.qty < 1 or cmd.price * cmd.qty <= MAX_AMOUNT,
+                    RejectReason.INVALID_QUANTITY,
+                ),
+                (long(cmd.quote_budget, MAX_AMOUNT), RejectReason.INVALID_BUDGET),
+                (long(cmd.expire_ns), RejectReason.INVALID_EXPIRY),
+            ]
+        elif isinstance(cmd, CancelOrder):
+            checks = [
+                (long(cmd.order_id), RejectReason.UNKNOWN_ORDER),
+                (text(cmd.client_order_id, MAX_CLIENT_ORDER_ID), RejectReason.INVALID_CLIENT_ORDER_ID),
+            ]
+        else:
+            supply_after = self.net.get(cmd.asset, 0) + (cmd.amount if isinstance(cmd, Deposit) else 0)
+            checks = [
+                (text(cmd.asset, MAX_NAME), RejectReason.UNKNOWN_ASSET),
+                (long(cmd.amount, MAX_AMOUNT), RejectReason.INVALID_AMOUNT),
+                (cmd.amount < 1 or supply_after <= MAX_AMOUNT, RejectReason.INVALID_AMOUNT),
+            ]
+        for ok, reason in checks:
+            if not ok:
+                return reason
+        return None
+
     def execute(self, cmd: Command) -> CommandResult:
+        bad = self._out_of_range(cmd)
+        if bad is not None:
+            return CommandResult(False, bad)
         self.out = []
         self.ts = cmd.ts_ns
         for o in sorted(
@@ -465,5 +531,6 @@ class ReferenceEngine:
             for o in sorted(self.resting, key=lambda o: o.id)
         ]
         balances = sorted((u, a, av, lk) for (u, a), (av, lk) in self.bal.items() if av or lk)
-        state = (self.seq, self.next_id, self.next_trade, books, orders_state, balances)
+        user_seqs = sorted(self.user_updates.items())
+        state = (self.seq, self.next_id, self.next_trade, books, orders_state, balances, user_seqs)
         return hashlib.sha256(repr(state).encode()).hexdigest()

@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 from engine.commands import CancelOrder, Command, Deposit, PlaceOrder, Withdraw
-from engine.events import OrderType, Side, TimeInForce
 from engine.interfaces import SymbolSpec
 from engine.service import EngineService
+from schemas.events import OrderType, Side, TimeInForce
 
 __all__ = ["FlowGenerator", "SimulationReport", "simulate"]
 

@@ -24,11 +24,13 @@ from typing import Any
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
-from engine.events import BalanceUpdate, Event, EventType, OrderUpdate, Trade, enum_fields, event_from_plain
+from schemas.errors import SchemaError
+from schemas.events import BalanceUpdate, Event, EventType, OrderUpdate, Trade, enum_fields, event_from_plain
 
 __all__ = [
     "MAGIC",
     "CodecError",
+    "RegistryUnavailable",
     "add_writer",
     "current_schemas",
     "decode",
@@ -43,7 +45,7 @@ SCHEMA_DIR = Path(__file__).resolve().parent / "avro"
 _HEADER = struct.Struct("<2sQ")
 
 
-class CodecError(Exception):
+class CodecError(SchemaError):
     """A payload that cannot be decoded; ``reason`` is a stable code for DLQ headers and metrics."""
 
     retriable = False
@@ -52,6 +54,15 @@ class CodecError(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+class RegistryUnavailable(CodecError):
+    """The schema registry did not answer: the record (or schema) is fine, try again later."""
+
+    retriable = True
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__("registry_unavailable", detail)
 
 
 _CLASSES: dict[str, type[Event]] = {
@@ -194,5 +205,5 @@ def decode(data: bytes) -> Event:
     name, record = decode_dict(data)
     try:
         return event_from_plain(_CLASSES[name], record)
-    except (ValueError, TypeError) as exc:
-        raise CodecError("undecodable", f"{name}: {exc}") from exc
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CodecError("undecodable", f"{name}: {exc!r}") from exc

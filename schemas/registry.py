@@ -20,7 +20,7 @@ import struct
 import threading
 from typing import Any
 
-from schemas.codec import MAGIC, CodecError, add_writer, current_schemas
+from schemas.codec import MAGIC, CodecError, RegistryUnavailable, add_writer, current_schemas
 
 __all__ = ["REGISTRY_MAGIC", "Registry", "is_registry_frame"]
 
@@ -70,7 +70,7 @@ class Registry:
                 # 409: the registry's compatibility rules refuse this schema for the subject.
                 raise CodecError("registry_refused", f"{topic}-value: {exc}") from exc
             except Exception as exc:  # httpx transport errors: the registry is unreachable
-                raise CodecError("registry_unavailable", f"{self.url}: {exc}") from exc
+                raise RegistryUnavailable(f"{self.url}: {exc}") from exc
             with self._lock:
                 self._id_of_fp[fp] = schema_id
                 self._fp_of_id[schema_id] = fp
@@ -108,9 +108,7 @@ class Registry:
             raise CodecError("unknown_schema_id", f"{schema_id}: {exc}") from exc
         except Exception as exc:
             # Retriable: the record is fine, the registry is not reachable right now.
-            err = CodecError("registry_unavailable", f"{self.url}: {exc}")
-            err.retriable = True
-            raise err from exc
+            raise RegistryUnavailable(f"{self.url}: {exc}") from exc
         fp = add_writer(str(schema.schema_str))
         with self._lock:
             self._fp_of_id[schema_id] = fp

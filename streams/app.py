@@ -1,56 +1,105 @@
 """The Faust worker: ``faust -A streams.app worker -l info``.
 
-One agent consumes ``orders.updates`` in batches (``take_events``), keyed by
-user_id; a table holds each user's state (last applied seq, open orders,
-statistics) and is co-partitioned with the topic (the bridge uses the same
-murmur2 partitioner as Faust's producer, and the table uses it too). Per
-batch: decode and dedupe, write Cassandra (retrying until it succeeds), store
-the users' new state, flush the producer so the state changelog is durable,
-and only then let Faust ack the batch: offsets are never committed for an
-event whose effects and state are not both durable.
+One agent consumes ``orders.updates``, keyed by user_id; a table holds each
+user's state (which events were applied, statistics) and is co-partitioned
+with the topic (the bridge uses the same murmur2 partitioner as Faust's
+producer, and the table uses it too). Per batch (every record already
+queued, so a caught-up worker writes each record at once and batches grow
+only under load): decode and check, dedupe against the state, write
+Cassandra (retrying until it succeeds), store the users' new state, ack the
+records and hand the batch's end offsets to the committer, which commits
+them after flushing the producer, so the state changelog and the dead
+letters are durable before any offset moves past them. Neither the flush
+nor the commit is waited for by the next batch.
+
+Start-up never needs Cassandra: the session is opened (and the keyspace
+migrated) by a task that retries with back-off while ``/health`` reports
+unavailable; the agent waits for it before its first batch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import faulthandler
 import logging
 import os
-import weakref
+import time
 from array import array
-from typing import Any
+from collections import deque
+from typing import Any, cast
 
-import faust
-from faust.streams import _current_event
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from kit.retry import any_error, retrying
 from schemas.registry import Registry
-from streams.lag import LagError, group_lag
+from streams import faust_adapter as fa
+from streams.ceiling import CheckpointReader
+from streams.lag import group_lag
 from streams.metrics import W
 from streams.migrate import migrate
-from streams.processor import Processor, Record
+from streams.processor import Processor, ProcessorStop, Record
 from streams.settings import WorkerSettings
-from streams.sink import CassandraSink, connect
+from streams.sink import CassandraSink, Sink, connect
+from streams.state import UserState
+from streams.statecache import StateCache
+from streams.trades import FILLS, TRADE_RECORDS, FillSink, TradeProcessor, TradesSettings
+
+faulthandler.enable()  # a crash in native code (librdkafka, libev, RocksDB) prints every thread's stack
 
 log = logging.getLogger("ohs.worker")
+# aiokafka and Faust's topics log a debug line for every record they send (the changelog): never
+# wanted in production, and their cost shows in a profile even when nothing is printed.
+for _name in ("aiokafka", "faust.topics"):
+    logging.getLogger(_name).setLevel(logging.INFO)
 
 settings = WorkerSettings()
 
-app = faust.App(
+app = fa.App(
     settings.group,
     broker=f"kafka://{settings.kafka_bootstrap}",
     store=settings.store,
     datadir=settings.data_dir,
     web_port=settings.web_port,
-    web_host="127.0.0.1",
+    web_bind=settings.web_bind,
+    web_host=settings.web_bind if settings.web_bind not in ("0.0.0.0", "::") else "127.0.0.1",
+    # Faust's own views would serve any user's table value, and the cluster's routing, to
+    # anyone who can reach the port: only /metrics and /health are served.
+    web_tables_enabled=False,
+    web_router_enabled=False,
+    web_graph_enabled=False,
+    web_stats_enabled=False,
     topic_partitions=settings.partitions,
     topic_replication_factor=1,
     consumer_auto_offset_reset="earliest",
+    # Changelog records of one batch (one per user) travel in a few produce requests, not one
+    # each; the committer's flush sends whatever lingers at once.
+    producer_linger=0.01,
     key_serializer="raw",
     value_serializer="raw",
 )
 
-updates_topic = app.topic(settings.topic_updates, key_type=bytes, value_type=bytes, partitions=settings.partitions)
+
+async def _wait_for_kafka() -> None:
+    """Before Faust's producer and consumer start: wait (jittered back-off) until the broker
+    answers, as the worker waits for Cassandra; an outage at start-up is not a reason to exit."""
+    async for attempt in retrying(0.5, settings.retry_max_s, retry=any_error):
+        with attempt:
+            try:
+                await fa.kafka_reachable(settings.kafka_bootstrap, timeout_s=10.0)
+            except Exception as exc:
+                log.warning(
+                    "Kafka unavailable at %s (attempt %d): %s",
+                    settings.kafka_bootstrap,
+                    attempt.retry_state.attempt_number,
+                    exc,
+                )
+                raise
+    log.info("Kafka reachable at %s", settings.kafka_bootstrap)
+
+
+app.before_start = _wait_for_kafka
+
+updates_topic = app.topic(settings.topic_updates, schema=fa.RawSchema(), partitions=settings.partitions)
 dlq_topic = app.topic(settings.topic_dlq, key_type=bytes, value_type=bytes, partitions=1)
 
 users = app.Table(
@@ -58,113 +107,247 @@ users = app.Table(
     default=None,
     partitions=settings.partitions,
     key_type=bytes,
-    value_type=bytes,  # JSON of UserState.to_dict(), encoded here (the app's serializers are raw)
+    value_type=bytes,  # UserState.to_bytes(): the app's serializers are raw
     use_partitioner=True,
+    # Bounded memory: Faust opens one RocksDB per partition with 3 x 64 MiB memtables and a 2 GiB
+    # block cache each; here a worker's RocksDB memory is at most partitions x (2 x write buffer
+    # + block cache), ~32 MiB per partition by default (docs/operations.md, sizing).
+    options={
+        "write_buffer_size": settings.rocksdb_write_buffer_mb * 1024 * 1024,
+        "max_write_buffer_number": 2,
+        "block_cache_size": settings.rocksdb_block_cache_mb * 1024 * 1024,
+    },
 )
 
-_runtime: dict[str, Any] = {}
+
+class _Runtime:
+    """What the agent needs once Cassandra is reachable, and what /health reports."""
+
+    def __init__(self) -> None:
+        self.ready = asyncio.Event()
+        self.processor: Processor | None = None
+        self.error = "connecting to Cassandra"
+        self.last_durable = time.time()
+        self.last_commit = 0.0
+        self.waiting = False
+        """The agent holds records it has not made durable yet."""
+        self.committer: fa.Committer | None = None
+        self.table_writer = fa.TableWriter(app, users)
+        self.cache = StateCache(settings.state_cache_users)
+        self.cache_owned: set[Any] = set()
 
 
-def _load(raw: bytes | None) -> dict[str, Any] | None:
-    return None if raw is None else json.loads(raw)
+rt = _Runtime()
+# A dead letter keeps the record as it came, but must fit the DLQ: Kafka's default message limit
+# is 1 MiB, and headers count too.
+_DLQ_MAX_VALUE = 900 * 1024
 
 
-def _processor() -> Processor:
-    proc = _runtime.get("processor")
-    if proc is None:
-        cluster, session = connect(settings)
+async def _dead_letter(rec: Record, reason: str, detail: str) -> None:
+    value = rec.value or b""
+    headers = {
+        "reason": reason.encode(),
+        "source": b"worker",
+        "detail": detail[:1000].encode(errors="replace"),
+        "topic": rec.topic.encode(),
+        "partition": str(rec.partition).encode(),
+        "offset": str(rec.offset).encode(),
+        "null_value": b"1" if rec.value is None else b"0",
+    }
+    for name, value in rec.headers:  # the bridge's epoch and seq: what `ohs dlq redrive` puts back
+        if name in ("epoch", "seq") and isinstance(value, bytes) and len(value) <= 24:
+            headers[name] = value
+    if len(value) > _DLQ_MAX_VALUE:
+        headers["truncated_from"] = str(len(value)).encode()
+        value = value[:_DLQ_MAX_VALUE]
+    key = rec.key[:256] if rec.key is not None else None
+    await dlq_topic.send(key=key, value=value, headers=headers)
+    W.dead_lettered.labels(reason).inc()
+    log.warning("dead-lettered %s[%d]@%d: %s %s", rec.topic, rec.partition, rec.offset, reason, detail[:300])
+
+
+def _open_cluster() -> tuple[Any, Any]:
+    """Blocking: connect cassandra-driver and migrate (run in a thread, never on the event loop).
+    The cluster stays open: its token map drives the replica grouping of every batch."""
+    cluster, session = connect(settings)
+    try:
         migrate(session, settings)
-        _runtime["cluster"] = cluster
+        return cluster, session
+    except Exception:
+        cluster.shutdown()
+        raise
 
-        async def dead_letter(rec: Record, reason: str, detail: str) -> None:
-            headers = {
-                "reason": reason.encode(),
-                "source": b"worker",
-                "detail": detail[:1000].encode(),
-                "topic": rec.topic.encode(),
-                "partition": str(rec.partition).encode(),
-                "offset": str(rec.offset).encode(),
-            }
-            await dlq_topic.send(key=rec.key, value=rec.value, headers=headers)
-            W.dead_lettered.labels(reason).inc()
-            log.warning("dead-lettered %s[%d]@%d: %s %s", rec.topic, rec.partition, rec.offset, reason, detail)
 
-        proc = Processor(
-            CassandraSink(session, settings),
-            dead_letter,
-            retry_initial_s=settings.retry_initial_s,
-            retry_max_s=settings.retry_max_s,
-            registry=Registry(settings.schema_registry_url) if settings.schema_registry_url else None,
-            on_retry=W.retries.inc,
-        )
-        _runtime["processor"] = proc
-    return proc
+async def _open_sink() -> Sink:
+    loop = asyncio.get_running_loop()
+    cluster, session = await loop.run_in_executor(None, _open_cluster)
+    try:
+        if settings.cql_driver == "acsylla":
+            from streams.acsylla_sink import AcsyllaSink
+
+            return await AcsyllaSink.open(settings, cluster)
+        return await loop.run_in_executor(None, CassandraSink, session, settings)
+    except BaseException:
+        cluster.shutdown()
+        raise
+
+
+@app.task  # type: ignore[untyped-decorator]
+async def start_sink() -> None:
+    """Open Cassandra with jittered back-off until it answers; then the agent may run."""
+    async for attempt in retrying(0.5, settings.retry_max_s, retry=any_error):
+        with attempt:
+            try:
+                sink = await _open_sink()
+            except Exception as exc:
+                rt.error = f"Cassandra unavailable: {exc}"
+                log.warning("cannot open Cassandra yet (attempt %d): %s", attempt.retry_state.attempt_number, exc)
+                raise
+    guard = (
+        CheckpointReader(settings.kafka_bootstrap, settings.topic_checkpoint, settings.bridge_id)
+        if settings.seq_guard
+        else None
+    )
+    rt.processor = Processor(
+        sink,
+        _dead_letter,
+        retry_initial_s=settings.retry_initial_s,
+        retry_max_s=settings.retry_max_s,
+        registry=Registry(settings.schema_registry_url) if settings.schema_registry_url else None,
+        guard=guard,
+        on_retry=W.retries.inc,
+    )
+    rt.committer = fa.Committer(app, on_commit=_on_commit)
+    rt.error = ""
+    rt.ready.set()
+    log.info("Cassandra session open; keyspace %s migrated", settings.keyspace)
+
+
+def _on_commit() -> None:
+    rt.last_commit = time.time()
+    W.last_commit.set(rt.last_commit)
 
 
 @app.agent(updates_topic, concurrency=1)
 async def apply_updates(stream: Any) -> None:
-    async for events in stream.take_events(settings.batch_size, within=settings.batch_window_s):
-        records = [
-            Record(e.message.key, e.message.value, e.message.topic, e.message.partition, e.message.offset)
-            for e in events
-        ]
+    """Batches in order; up to ``write_pipeline`` of them being written at once.
+
+    While batch N is being written, batch N+1 is prepared on top of N's in-memory states and its
+    write starts; each batch stores its states, acks its records and hands its offsets to the
+    committer only after it is durable AND the batch before it has done all that: the table and
+    the committed offsets never get ahead of what Cassandra has.
+    """
+    await stream.maybe_start()
+    await rt.ready.wait()
+    processor, committer = rt.processor, rt.committer
+    assert processor is not None and committer is not None
+    inflight: deque[asyncio.Task[None]] = deque()
+    loop = asyncio.get_running_loop()
+    while True:
         try:
-            processor = _processor()
-            states = {r.key or b"": _load(users.get(r.key or b"")) for r in records}
-            result, changed = await processor.process(records, states)
-            by_key = {e.message.key or b"": e for e in events}
-            for key, value in changed.items():
-                # The RocksDB store files a value under the partition of the event being
-                # processed, which faust tracks per event and take_events leaves unset: point it
-                # at an event of this key (the topic and the table are co-partitioned by key).
-                _current_event.set(weakref.ref(by_key[key]))
-                users[key] = json.dumps(value, separators=(",", ":")).encode()
-            _current_event.set(None)
-            # The changelog must be durable before these offsets can be committed.
-            await app.producer.flush()
-            await _commit_durable(events)
-            if settings.latency_file and result.emitted_ns:
-                _record_latencies(result.durable_at_ns, result.emitted_ns)
-            W.records.inc(len(records))
-            W.applied.inc(result.applied)
-            W.duplicates.inc(result.duplicates)
-            W.batch_size.observe(len(records))
-            W.write_latency.observe(result.write_seconds)
-            log.info(
-                "batch: %d records, %d applied, %d duplicates, %d dead-lettered, write %.3fs, %d retries",
-                len(records),
-                result.applied,
-                result.duplicates,
-                result.dead_lettered,
-                result.write_seconds,
-                result.retries,
-            )
+            events = await fa.take_available(stream, settings.batch_size)
+        except StopAsyncIteration:  # the stream is stopping (shutdown or rebalance of the agent)
+            return
+        rt.waiting = True
+        try:
+            if settings.batch_window_s and len(events) < settings.batch_size:
+                await asyncio.sleep(settings.batch_window_s)
+                events += fa.take_queued(stream, settings.batch_size - len(events))
+            owned = fa.assignment(app)
+            if owned != rt.cache_owned:
+                # Partitions moved: another worker may have changed their users' states meanwhile.
+                while inflight:
+                    await inflight.popleft()
+                rt.cache.clear()
+                rt.cache_owned = owned
+            batch = await _prepare(processor, events, owned)
+            previous = inflight[-1] if inflight else None
+            inflight.append(loop.create_task(_finish(processor, committer, batch, previous)))
+            while inflight and (inflight[0].done() or len(inflight) >= settings.write_pipeline):
+                await inflight.popleft()
+        except ProcessorStop as exc:
+            log.critical("%s; stopping without committing (see docs/operations.md)", exc)
+            os._exit(78)
         except Exception:
-            # Only a bug gets here (the processor retries its own failures). Leaving the loop by
-            # an exception would make take_events ack this batch unwritten, so the process ends
-            # at once instead: offsets stay where they are and a restart redoes the batch.
+            # Only a bug gets here (the processor handles its records' failures). The batch is not
+            # acked: the process ends at once, offsets stay where they are and a restart redoes it.
             log.critical("unexpected error in the batch loop: exiting without acking", exc_info=True)
             os._exit(70)
+        rt.waiting = bool(inflight)
 
 
-async def _commit_durable(events: list[Any]) -> None:
-    """Commit, per partition, past the last record of a batch that is now durable.
+class _Batch:
+    __slots__ = ("by_key", "events", "loaded", "mine", "prepared", "records")
 
-    Faust's own committer derives offsets from its list of acked messages and, after some
-    rebalances, stops advancing a partition for good (faust-streaming#318, robinhood/faust#625,
-    #681): reprocessing is harmless here, but the lag would never clear and the API's live
-    stream, which waits for commits, would stall. The batch is in partition order and durable,
-    so committing its end is always safe; Faust discards the commit of a partition revoked
-    meanwhile, and its own periodic commit still runs (and never moves an offset backwards).
-    """
-    offsets: dict[Any, int] = {}
+    def __init__(self, events: list[Any], mine: list[Any], records: list[Record], by_key: dict[bytes, Any]) -> None:
+        self.events, self.mine, self.records, self.by_key = events, mine, records, by_key
+        self.prepared: Any = None
+        self.loaded: list[bytes] = []
+        """Users whose states this batch pinned in the cache."""
+
+
+async def _prepare(processor: Processor, events: list[Any], owned: set[Any]) -> _Batch:
+    mine = []
     for e in events:
-        tp = e.message.tp
-        offsets[tp] = max(offsets.get(tp, 0), e.message.offset + 1)
+        if e.message.tp in owned:
+            mine.append(e)
+        else:
+            e.ack()  # of a partition revoked meanwhile: its new owner reads it again
+    by_key: dict[bytes, Any] = {}
+    records = []
+    for e in mine:
+        m = e.message
+        records.append(Record(m.key, m.value, m.topic, m.partition, m.offset, _headers(m.headers)))
+        by_key[m.key or b""] = e
+    batch = _Batch(events, mine, records, by_key)
+    cache, reader = rt.cache, rt.table_writer
+
+    def load(key: bytes) -> UserState:
+        batch.loaded.append(key)
+        return cache.get(key, lambda: UserState.from_bytes(reader.read(by_key[key], key)))  # type: ignore[no-any-return]
+
+    batch.prepared = await processor.prepare(records, load)
+    return batch
+
+
+async def _finish(processor: Processor, committer: fa.Committer, batch: _Batch, previous: Any) -> None:
+    """Make a batch durable, then (after the one before it) store its states and commit."""
     try:
-        await app.consumer._commit_offsets(offsets)  # type: ignore[attr-defined]
-    except Exception as exc:  # a failed commit only means reprocessing: never leave the loop for it
-        log.warning("commit after a durable batch failed (Faust's periodic commit will retry): %s", exc)
+        result = await processor.complete(batch.prepared)
+        if previous is not None:
+            await previous
+        changed = batch.prepared.changed
+        by_key = batch.by_key
+        deliveries = await rt.table_writer.write([(by_key[k], k, state.to_bytes()) for k, state in changed.items()])
+        rt.cache.release(batch.loaded)
+        for e in batch.events:
+            e.ack()
+        committer.request(fa.batch_offsets(batch.mine), deliveries)
+    except ProcessorStop as exc:
+        log.critical("%s; stopping without committing (see docs/operations.md)", exc)
+        os._exit(78)
+    except BaseException:
+        log.critical("unexpected error finishing a batch: exiting without acking", exc_info=True)
+        os._exit(70)
+    rt.last_durable = time.time()
+    W.last_durable.set(rt.last_durable)
+    if settings.latency_file and result.emitted_ns:
+        _record_latencies(result.durable_at_ns, result.emitted_ns)
+    W.records.inc(len(batch.records))
+    W.applied.inc(result.applied)
+    W.duplicates.inc(result.duplicates)
+    W.batch_size.observe(len(batch.records))
+    W.rows.inc(result.rows)
+    W.requests.inc(result.requests)
+    if result.rows:
+        W.write_latency.observe(result.write_seconds)
+
+
+def _headers(headers: Any) -> tuple[tuple[str, bytes], ...]:
+    if not headers:
+        return ()
+    items = headers.items() if hasattr(headers, "items") else headers
+    return tuple((str(k), bytes(v)) for k, v in items if v is not None)
 
 
 def _record_latencies(durable_at_ns: int, emitted_ns: list[int]) -> None:
@@ -176,13 +359,14 @@ def _record_latencies(durable_at_ns: int, emitted_ns: list[int]) -> None:
 
 @app.timer(interval=settings.lag_interval_s)  # type: ignore[untyped-decorator]
 async def export_lag() -> None:
-    """Refresh the lag gauges from the broker (blocking admin calls: off the event loop)."""
+    """Refresh the lag gauges from the broker (blocking admin calls: off the event loop). A timer
+    that raises would crash the worker, so whatever happens here is only logged."""
     loop = asyncio.get_running_loop()
     try:
         rows = await loop.run_in_executor(
             None, group_lag, settings.kafka_bootstrap, settings.group, [settings.topic_updates]
         )
-    except LagError as exc:
+    except Exception as exc:  # a broker outage, a timeout: the gauges keep their last values
         log.warning("consumer lag not refreshed: %s", exc)
         return
     for row in rows:
@@ -194,3 +378,90 @@ async def export_lag() -> None:
 async def metrics(web: Any, request: Any) -> Any:
     """Prometheus exposition of the worker's metrics, on the Faust web port."""
     return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
+
+
+@app.page("/health")
+async def health(web: Any, request: Any) -> Any:
+    """200 while the worker makes progress: Cassandra open, and no records waiting longer than
+    ``health_stall_s`` without a durable batch. 503 (with the reason) otherwise."""
+    now = time.time()
+    problems = []
+    if rt.error:
+        problems.append(rt.error)
+    stalled = now - rt.last_durable
+    if rt.waiting and stalled > settings.health_stall_s:
+        problems.append(f"no durable batch for {stalled:.0f}s while records wait")
+    body = {
+        "status": "unavailable" if problems else "ok",
+        "problems": problems,
+        "last_durable_batch": rt.last_durable,
+        "last_commit": rt.last_commit or None,
+    }
+    return web.json(body, status=503 if problems else 200)
+
+
+# ======================================================================================== trades
+# The users' fills (issue 16): a second agent of the same app, same group, same sink and committer,
+# no table (streams.trades says why fills need no per-user state). Off with OHS_WORKER_TRADES=false.
+trades_settings = TradesSettings()
+
+
+async def _apply_trades(processor: TradeProcessor, committer: fa.Committer, events: list[Any]) -> None:
+    owned = fa.assignment(app)
+    mine = []
+    for e in events:
+        if e.message.tp in owned:
+            mine.append(e)
+        else:
+            e.ack()  # of a partition revoked meanwhile: its new owner reads it again
+    records = [
+        Record(m.key, m.value, m.topic, m.partition, m.offset, _headers(m.headers)) for m in (e.message for e in mine)
+    ]
+    result, _ = await processor.process(records)
+    for e in events:
+        e.ack()
+    committer.request(fa.batch_offsets(mine))  # no changelog records to wait for
+    TRADE_RECORDS.inc(len(records))
+    FILLS.inc(result.applied)
+    W.rows.inc(result.rows)
+    W.requests.inc(result.requests)
+
+
+if trades_settings.trades:
+    trades_topic = app.topic(trades_settings.topic_trades, schema=fa.RawSchema(), partitions=settings.partitions)
+
+    @app.agent(trades_topic, concurrency=1)
+    async def apply_trades(stream: Any) -> None:
+        await stream.maybe_start()
+        await rt.ready.wait()
+        orders, committer = rt.processor, rt.committer
+        assert orders is not None and committer is not None
+        processor = TradeProcessor(
+            cast(FillSink, orders.sink),
+            _dead_letter,
+            retry_initial_s=settings.retry_initial_s,
+            retry_max_s=settings.retry_max_s,
+            registry=orders.registry,
+            # A reader of its own: the two agents refresh their ceilings independently.
+            guard=CheckpointReader(settings.kafka_bootstrap, settings.topic_checkpoint, settings.bridge_id)
+            if settings.seq_guard
+            else None,
+            on_retry=W.retries.inc,
+        )
+        while True:
+            try:
+                events = await fa.take_available(stream, settings.batch_size)
+            except StopAsyncIteration:  # the stream is stopping (shutdown or rebalance of the agent)
+                return
+            try:
+                if settings.batch_window_s and len(events) < settings.batch_size:
+                    await asyncio.sleep(settings.batch_window_s)
+                    events += fa.take_queued(stream, settings.batch_size - len(events))
+                await _apply_trades(processor, committer, events)
+            except ProcessorStop as exc:
+                log.critical("%s; stopping without committing (see docs/operations.md)", exc)
+                os._exit(78)
+            except Exception:
+                # As for order updates: only a bug gets here; end at once, nothing acked, a restart redoes it.
+                log.critical("unexpected error in the trades batch loop: exiting without acking", exc_info=True)
+                os._exit(70)

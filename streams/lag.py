@@ -1,4 +1,4 @@
-"""Consumer lag per group and partition, in messages and in seconds.
+"""Consumer lag per group and partition, in messages and in seconds, and who owns each partition.
 
 Lag in messages is ``end offset - committed offset``. Lag in seconds is the
 age of the oldest record the group has not consumed yet (the record at the
@@ -6,23 +6,74 @@ committed offset): it answers "how stale is what users read", which a message
 count cannot on a topic whose rate varies.
 
 Used by ``ohs lag`` (operators, alerting) and by the worker's Prometheus
-gauges; it only reads, and never joins or moves the group it inspects.
+gauges; it only reads, and never joins, rebalances or commits to the group it
+inspects.
+
+How it reads, and why not librdkafka's ListConsumerGroupOffsets (AdminClient): that call kills
+the process on paths an outage or a fresh cluster takes (a NOT_COORDINATOR answer dereferences
+an absent consumer group: SIGSEGV, librdkafka #5040; see api/live.py). The committed offsets are
+read with ``Consumer.committed`` of a consumer that carries the inspected group id but never
+subscribes: the consumer's own OffsetFetch path, which handles those answers. The same consumer
+reads watermarks and, by explicit assignment, the record at each committed offset.
+
+Who owns each partition (``members=True``, what ``ohs lag`` shows) needs DescribeConsumerGroups,
+an AdminClient call; it is made only after the consumer has reached the cluster, and the worker's
+gauges never make it. It also tells a group that does not exist (state DEAD) from an idle one.
+
+librdkafka logs nothing on stderr here: its log level is 0 and its logs go to a silent logger;
+failures surface as ``LagError`` with a one-line message.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-import uuid
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
-from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-__all__ = ["LagError", "PartitionLag", "group_lag"]
+from streams.errors import StreamsError
+
+__all__ = [
+    "GroupLag",
+    "GroupNotFound",
+    "KafkaUnreachable",
+    "LagError",
+    "PartitionLag",
+    "describe_lag",
+    "group_lag",
+]
+
+_kafka_log = logging.getLogger("ohs.lag.kafka")
+_kafka_log.addHandler(logging.NullHandler())
+_kafka_log.propagate = False
+
+# librdkafka's own logging: nothing on stderr (log level 0 = emergencies only, and a logger that
+# drops them), so a script calling `ohs lag` sees one line of ours, never librdkafka's noise.
+QUIET: dict[str, Any] = {"log_level": 0, "logger": _kafka_log}
+
+_READ_RECORD_S = 5.0
+"""How long to wait for the record at a committed offset (its timestamp gives the lag in seconds)."""
 
 
-class LagError(Exception):
+class LagError(StreamsError):
+    """Lag could not be read; the message is one line, fit for a terminal."""
+
     retriable = True
+
+
+class KafkaUnreachable(LagError):
+    """No broker answered (or answered an error) within the timeout."""
+
+    retriable = True
+
+
+class GroupNotFound(LagError):
+    """The broker knows no such group: no member and no committed offset."""
+
+    retriable = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,70 +87,208 @@ class PartitionLag:
     """Log end offset (high watermark)."""
     lag_messages: int
     lag_seconds: float
-    """Age of the oldest unconsumed record; 0.0 when fully caught up."""
+    """Age of the oldest unconsumed record; 0.0 when fully caught up (or when it could not be read)."""
+    consumer_id: str = ""
+    """Member owning the partition now ("" when no member has it: the group is empty or rebalancing)."""
+    host: str = ""
+    client_id: str = ""
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
-def group_lag(bootstrap: str, group: str, topics: list[str] | None = None) -> list[PartitionLag]:
-    """Lag of ``group`` on ``topics`` (default: every topic it has committed offsets on)."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    try:
-        futures = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)])
-        committed_tps = futures[group].result(timeout=15).topic_partitions or []
-        committed = {(tp.topic, tp.partition): tp.offset for tp in committed_tps}
-        if topics is None:
-            topics = sorted({t for t, _ in committed})
-        metadata = admin.list_topics(timeout=15)
-    except KafkaException as exc:
-        raise LagError(f"cannot read offsets of group {group!r}: {exc}") from exc
+@dataclass(frozen=True, slots=True)
+class GroupLag:
+    group: str
+    state: str
+    """The coordinator's view: STABLE, EMPTY, PREPARING_REBALANCE, ...; UNKNOWN when not asked."""
+    members: int
+    partitions: list[PartitionLag] = field(default_factory=list)
+    missing_topics: list[str] = field(default_factory=list)
+    """Topics asked for that the cluster does not have."""
 
-    # A throw-away consumer that never subscribes: it reads watermarks and single records
-    # by explicit assignment, so the inspected group is never joined or rebalanced.
-    probe = Consumer(
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "group": self.group,
+            "state": self.state,
+            "members": self.members,
+            "partitions": [p.as_dict() for p in self.partitions],
+            "missing_topics": self.missing_topics,
+        }
+
+
+def group_lag(
+    bootstrap: str,
+    group: str,
+    topics: list[str] | None = None,
+    *,
+    timeout_s: float = 15.0,
+    config: dict[str, Any] | None = None,
+) -> list[PartitionLag]:
+    """Lag of ``group`` on ``topics`` (default: every topic it has committed offsets on).
+
+    Never an AdminClient call (the worker's gauges call this every few seconds). Raises
+    ``LagError``; an unknown group simply has nothing committed (``committed == -1``)."""
+    return describe_lag(bootstrap, group, topics, timeout_s=timeout_s, members=False, config=config).partitions
+
+
+def describe_lag(
+    bootstrap: str,
+    group: str,
+    topics: list[str] | None = None,
+    *,
+    timeout_s: float = 15.0,
+    members: bool = True,
+    config: dict[str, Any] | None = None,
+) -> GroupLag:
+    """Lag of ``group`` per partition; with ``members``, who owns each partition and whether the
+    group exists at all (``GroupNotFound`` when the coordinator knows neither a member nor an
+    offset of it). ``topics`` default: what the group has committed offsets on or is assigned."""
+    extra = dict(config or {})
+    consumer = _consumer(bootstrap, group, extra)
+    try:
+        try:
+            metadata = consumer.list_topics(timeout=timeout_s)
+        except KafkaException as exc:
+            raise KafkaUnreachable(f"cannot reach Kafka at {bootstrap}: {_reason(exc)}") from exc
+        state, member_count = "UNKNOWN", 0
+        owners: dict[tuple[str, int], tuple[str, str, str]] = {}
+        if members:
+            state, member_count, owners = _describe(bootstrap, group, timeout_s, extra)
+        existing = {
+            name: sorted(meta.partitions)
+            for name, meta in metadata.topics.items()
+            if meta.error is None and not name.startswith("__")
+        }
+        candidates = sorted(existing) if topics is None else [t for t in topics if t in existing]
+        missing = [t for t in topics or [] if t not in existing]
+        committed = _committed(consumer, [(t, p) for t in candidates for p in existing[t]], timeout_s)
+        if topics is None:
+            wanted = {t for (t, _), off in committed.items() if off >= 0} | {t for t, _ in owners}
+            candidates = [t for t in candidates if t in wanted]
+        if members and state == "DEAD" and not any(off >= 0 for off in committed.values()):
+            raise GroupNotFound(f"consumer group {group!r} does not exist (no member, no committed offset)")
+        rows = _rows(consumer, group, [(t, p) for t in candidates for p in existing[t]], committed, owners, timeout_s)
+        return GroupLag(group, state, member_count, rows, missing)
+    finally:
+        consumer.close()
+
+
+# ------------------------------------------------------------------------------ internals
+
+
+def _consumer(bootstrap: str, group: str, extra: dict[str, Any]) -> Any:
+    # The inspected group's id, but never subscribed and never committing: its OffsetFetch reads
+    # the group's offsets; it joins nothing. Explicit assignments read single records.
+    return Consumer(
         {
             "bootstrap.servers": bootstrap,
-            "group.id": f"ohs-lag-probe-{uuid.uuid4().hex[:8]}",
+            "group.id": group,
             "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
             "enable.partition.eof": False,
+            **QUIET,
+            **extra,
         }
     )
-    out: list[PartitionLag] = []
+
+
+def _reason(exc: BaseException) -> str:
+    """A KafkaException's text without its KafkaError{...} wrapper."""
+    err = exc.args[0] if exc.args else None
+    if isinstance(err, KafkaError):
+        return err.str()
+    return str(exc) or type(exc).__name__
+
+
+def _describe(
+    bootstrap: str, group: str, timeout_s: float, extra: dict[str, Any]
+) -> tuple[str, int, dict[tuple[str, int], tuple[str, str, str]]]:
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap, **QUIET, **extra})
     try:
-        now = time.time()
-        for topic in topics:
-            meta = metadata.topics.get(topic)
-            if meta is None:
-                continue
-            for partition in sorted(meta.partitions):
-                low, high = probe.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
-                pos = committed.get((topic, partition), -1)
-                start = pos if pos >= 0 else low
-                lag = max(0, high - start)
-                age = 0.0
-                if lag:
-                    ts = _record_timestamp(probe, topic, partition, start)
-                    age = max(0.0, now - ts) if ts is not None else 0.0
-                out.append(PartitionLag(group, topic, partition, pos, high, lag, round(age, 3)))
+        future = admin.describe_consumer_groups([group], request_timeout=timeout_s)[group]
+        desc = future.result(timeout=timeout_s + 5)
     except KafkaException as exc:
-        raise LagError(f"cannot read watermarks: {exc}") from exc
-    finally:
-        probe.close()
+        err = exc.args[0] if exc.args else None
+        if isinstance(err, KafkaError) and err.code() == KafkaError.GROUP_ID_NOT_FOUND:
+            return "DEAD", 0, {}
+        raise KafkaUnreachable(f"cannot describe group {group!r} at {bootstrap}: {_reason(exc)}") from exc
+    except TimeoutError as exc:
+        raise KafkaUnreachable(f"cannot describe group {group!r} at {bootstrap}: timed out") from exc
+    owners: dict[tuple[str, int], tuple[str, str, str]] = {}
+    for m in desc.members or []:
+        assignment = m.assignment.topic_partitions if m.assignment is not None else []
+        for tp in assignment or []:
+            owners[(tp.topic, tp.partition)] = (m.member_id, (m.host or "").lstrip("/"), m.client_id or "")
+    state = getattr(desc.state, "name", str(desc.state))
+    return state, len(desc.members or []), owners
+
+
+def _committed(consumer: Any, tps: list[tuple[str, int]], timeout_s: float) -> dict[tuple[str, int], int]:
+    if not tps:
+        return {}
+    try:
+        got = consumer.committed([TopicPartition(t, p) for t, p in tps], timeout=timeout_s)
+    except KafkaException as exc:
+        raise KafkaUnreachable(f"cannot read committed offsets: {_reason(exc)}") from exc
+    return {(tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else -1) for tp in got}
+
+
+def _rows(
+    consumer: Any,
+    group: str,
+    tps: Iterable[tuple[str, int]],
+    committed: dict[tuple[str, int], int],
+    owners: dict[tuple[str, int], tuple[str, str, str]],
+    timeout_s: float,
+) -> list[PartitionLag]:
+    now = time.time()
+    marks: list[tuple[str, int, int, int, int]] = []
+    """(topic, partition, committed, first unconsumed offset, end)"""
+    try:
+        for topic, partition in tps:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout_s)
+            pos = committed.get((topic, partition), -1)
+            # Never committed: everything still in the log is unconsumed (retention may have
+            # removed records below a committed offset too: those count as consumed).
+            start = max(low, pos) if pos >= 0 else low
+            marks.append((topic, partition, pos, start, high))
+    except KafkaException as exc:
+        raise KafkaUnreachable(f"cannot read watermarks: {_reason(exc)}") from exc
+    stamps = _timestamps(consumer, [(t, p, start) for t, p, _, start, end in marks if end > start])
+    out = []
+    for topic, partition, pos, start, end in marks:
+        lag = max(0, end - start)
+        ts = stamps.get((topic, partition)) if lag else None
+        age = round(max(0.0, now - ts), 3) if ts is not None else 0.0
+        member, host, client = owners.get((topic, partition), ("", "", ""))
+        out.append(PartitionLag(group, topic, partition, pos, end, lag, age, member, host, client))
     return out
 
 
-def _record_timestamp(probe: Consumer, topic: str, partition: int, offset: int) -> float | None:
-    """Timestamp (s) of the record at ``offset``, or None if it cannot be read quickly."""
-    probe.assign([TopicPartition(topic, partition, offset)])
+def _timestamps(consumer: Any, starts: list[tuple[str, int, int]]) -> dict[tuple[str, int], float]:
+    """Timestamp (s) of the record at each (topic, partition, offset), read by one assignment of
+    them all; those not read within a few seconds are left out."""
+    if not starts:
+        return {}
+    wanted = {(t, p): off for t, p, off in starts}
+    out: dict[tuple[str, int], float] = {}
+    consumer.assign([TopicPartition(t, p, off) for t, p, off in starts])
     try:
-        deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline:
-            msg = probe.poll(0.2)
+        deadline = time.monotonic() + _READ_RECORD_S
+        while len(out) < len(wanted) and time.monotonic() < deadline:
+            msg = consumer.poll(0.2)
             if msg is None or msg.error():
                 continue
+            key = (msg.topic(), msg.partition())
+            if key in out or key not in wanted:
+                continue
             _kind, ts_ms = msg.timestamp()
-            return ts_ms / 1000.0 if ts_ms > 0 else None
-        return None
+            out[key] = ts_ms / 1000.0 if ts_ms > 0 else 0.0  # seen: later records of it are ignored
+    except KafkaException as exc:
+        raise KafkaUnreachable(f"cannot read records: {_reason(exc)}") from exc
     finally:
-        probe.unassign()
+        consumer.unassign()
+    return {k: v for k, v in out.items() if v > 0}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from kit.version import register_build_info
+
 __all__ = ["W"]
 
 
@@ -11,9 +13,13 @@ class _Metrics:
     def __init__(self) -> None:
         self.records = Counter("ohs_worker_records_total", "Records taken from the topic")
         self.applied = Counter("ohs_worker_applied_total", "Order updates applied to Cassandra")
-        self.duplicates = Counter("ohs_worker_duplicates_total", "Records at or below a user's last applied seq")
+        self.duplicates = Counter("ohs_worker_duplicates_total", "Records already applied (re-sends, replays)")
         self.dead_lettered = Counter("ohs_worker_dead_lettered_total", "Records sent to the DLQ", ["reason"])
         self.retries = Counter("ohs_worker_write_retries_total", "Failed batch writes retried")
+        self.rows = Counter("ohs_worker_rows_total", "CQL rows (statements) written")
+        self.requests = Counter("ohs_worker_cql_requests_total", "CQL requests (batches or single statements) sent")
+        self.last_durable = Gauge("ohs_worker_last_durable_timestamp_seconds", "When the last batch became durable")
+        self.last_commit = Gauge("ohs_worker_last_commit_timestamp_seconds", "When offsets were last committed")
         self.batch_size = Histogram(
             "ohs_worker_batch_records", "Records per batch", buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000)
         )
@@ -33,3 +39,4 @@ class _Metrics:
 
 
 W = _Metrics()
+register_build_info("worker")

@@ -12,7 +12,7 @@ import re
 from importlib import resources
 from typing import Any
 
-from streams.errors import SinkError
+from streams.errors import SinkRejected
 from streams.settings import WorkerSettings
 
 __all__ = ["migrate", "statements"]
@@ -26,11 +26,24 @@ def statements(text: str, keyspace: str) -> list[str]:
     return [stmt.strip() for stmt in body.split(";") if stmt.strip()]
 
 
+def _execute(session: Any, stmt: str) -> None:
+    """Run one DDL statement. ``ALTER TABLE ... ADD`` has no portable ``IF NOT EXISTS``
+    (ScyllaDB lacks it): a column that exists already (a concurrent migrate, or one applied
+    before its name was recorded) counts as done."""
+    from cassandra import InvalidRequest
+
+    try:
+        session.execute(stmt, timeout=60)
+    except InvalidRequest as exc:
+        if not (stmt.upper().startswith("ALTER TABLE") and " ADD " in stmt.upper() and "exist" in str(exc)):
+            raise
+
+
 def migrate(session: Any, s: WorkerSettings, keyspace: str | None = None) -> list[str]:
     """Apply pending migrations to ``keyspace`` (default: the configured one); returns their names."""
     ks = keyspace or s.keyspace
     if not _NAME.match(ks):
-        raise SinkError(f"invalid keyspace name {ks!r}", retriable=False)
+        raise SinkRejected(f"invalid keyspace name {ks!r}")
     session.execute(f"CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {s.replication}", timeout=60)
     session.execute(
         f"CREATE TABLE IF NOT EXISTS {ks}.schema_migrations (name text PRIMARY KEY, applied_at timestamp)",
@@ -44,7 +57,7 @@ def migrate(session: Any, s: WorkerSettings, keyspace: str | None = None) -> lis
         if f.name in done:
             continue
         for stmt in statements(f.read_text(), ks):
-            session.execute(stmt, timeout=60)
+            _execute(session, stmt)
         session.execute(
             f"INSERT INTO {ks}.schema_migrations (name, applied_at) VALUES (%s, toTimestamp(now()))",
             (f.name,),

@@ -17,7 +17,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from streams.errors import SinkError
-from streams.replay import Replay, ReplayError, ReplayOptions, ReplaySummary
+from streams.replay import GROUPS, Replay, ReplayError, ReplayOptions, ReplaySummary
 from streams.settings import WorkerSettings
 
 __all__ = ["replay"]
@@ -49,8 +49,9 @@ def _table(s: ReplaySummary) -> str:
     lines = [" ".join(f"{c:>13}" for c in cols)]
     lines += [" ".join(f"{getattr(p, c):>13}" for c in cols) for p in s.partitions]
     d = s.as_dict()
+    applied = "fills" if s.what == "trades" else "applied"  # a trade's record is one fill, or two (self-trade)
     lines.append(
-        f"{'dry run: ' if s.dry_run else ''}{d['records']} records read, {d['applied']} applied, "
+        f"{'dry run: ' if s.dry_run else ''}{d['records']} records read, {d['applied']} {applied}, "
         f"{d['duplicates']} duplicates, {d['dead_lettered']} dead-lettered, {s.retries} write retries, "
         f"in {s.elapsed_s:.1f}s ({d['rate']:,.0f} records/s); keyspace {s.keyspace}, group {s.group}"
     )
@@ -86,9 +87,27 @@ def _table(s: ReplaySummary) -> str:
 )
 @click.option("--keyspace", default=None, help="Target keyspace, migrated first (default: the worker's, live).")
 @click.option("--dry-run", is_flag=True, help="Read, decode and count per partition; write and commit nothing.")
-@click.option("--group", default="ohs-replay", show_default=True, help="The replay's own consumer group.")
-@click.option("--topic", default=None, help="Topic to replay (default: the worker's updates topic).")
+@click.option(
+    "--what",
+    type=click.Choice(list(GROUPS)),
+    default="updates",
+    show_default=True,
+    help="updates: the order tables from the updates topic; trades: the users' fills from the trades topic.",
+)
+@click.option(
+    "--group",
+    default=None,
+    help=f"The replay's own consumer group (default: {', '.join(f'{g} for {w}' for w, g in GROUPS.items())}).",
+)
+@click.option("--topic", default=None, help="Topic to replay (default: the worker's topic of --what).")
 @click.option("--batch-size", type=click.IntRange(1, 100_000), default=None, help="Records per write and commit.")
+@click.option(
+    "--lease-ttl",
+    type=click.IntRange(3, 3600),
+    default=30,
+    show_default=True,
+    help="Seconds the group's lease outlives a replay killed with -9 (one replay per group at a time).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON document.")
 def replay(
     from_beginning: bool,
@@ -97,16 +116,22 @@ def replay(
     until: dt.datetime | None,
     keyspace: str | None,
     dry_run: bool,
-    group: str,
+    what: str,
+    group: str | None,
     topic: str | None,
     batch_size: int | None,
+    lease_ttl: int,
     as_json: bool,
 ) -> None:
     """Replay a topic into the Cassandra tables (backfill, rebuild); resumable with the same --group.
 
+    --what trades rebuilds the users' fills (user_trades, user_trade_months) from the trades topic;
+    the default, updates, the order tables from the updates topic: one run each.
+
     Without --from-* it goes on where the group stopped. Ctrl-C or SIGTERM finishes (or, after
     10 s, abandons) the batch being written, commits what is durable, prints the summary and
-    exits 130 or 143; a second signal quits at once.
+    exits 130 or 143; a second signal quits at once. A second replay into a group that one is
+    replaying into is refused (exit 1) until the first ends, or --lease-ttl seconds after it was killed.
     """
     err = Console(stderr=True)
     handler = RichHandler(console=err) if err.is_terminal else logging.StreamHandler()
@@ -116,7 +141,8 @@ def replay(
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     logging.getLogger("cassandra").setLevel(logging.WARNING)
     options = ReplayOptions(
-        group=group,
+        what=what,
+        group=group or "",
         topic=topic,
         keyspace=keyspace,
         from_beginning=from_beginning,
@@ -125,6 +151,7 @@ def replay(
         until=until,
         dry_run=dry_run,
         batch_size=batch_size,
+        lease_ttl_s=lease_ttl,
     )
     try:
         job = Replay(WorkerSettings(), options)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -52,10 +54,78 @@ class WorkerSettings(BaseSettings):
         default="ohs-worker-data",
         description="Faust data dir (RocksDB tables), relative to the working dir; one per worker on a host.",
     )
-    web_port: int = Field(default=6066, description="Faust web port (metrics, health).")
-    batch_size: int = Field(default=2000, description="Most events per sink batch (stream.take_events).")
-    batch_window_s: float = Field(default=0.05, description="Longest wait to fill a batch.")
-    stream_buckets: int = Field(default=16, description="Buckets per day of order_updates_stream.")
+    rocksdb_write_buffer_mb: int = Field(
+        default=8,
+        ge=1,
+        le=1024,
+        description="RocksDB memtable size per table partition (two are kept): Faust's default, 64 MiB x 3, "
+        "grows a worker by ~200 MiB per partition before the first flush.",
+    )
+    rocksdb_block_cache_mb: int = Field(
+        default=16,
+        ge=1,
+        le=16384,
+        description="RocksDB block cache per table partition (Faust's default is 2 GiB per partition). Reads "
+        "mostly hit the worker's own state cache, so a small one suffices.",
+    )
+    web_port: int = Field(default=6066, description="Faust web port (/metrics, /health).")
+    web_bind: str = Field(
+        default="127.0.0.1",
+        description="Address the web port listens on: loopback unless a scraper elsewhere needs it (0.0.0.0).",
+    )
+    batch_size: int = Field(default=2000, description="Most records per batch.")
+    batch_window_s: float = Field(
+        default=0.0,
+        description="Extra wait for a batch to fill when fewer than batch_size records are queued; "
+        "0 writes what has arrived at once, so batches grow only under load.",
+    )
+    batch_max_statements: int = Field(
+        default=250, description="Most CQL statements per UNLOGGED batch request (one replica set each)."
+    )
+    batch_max_bytes: int = Field(
+        default=256 * 1024,
+        description="Most bytes of values per batch request; keep it below Cassandra's batch_size_fail_threshold.",
+    )
+    cql_protocol_version: int = Field(
+        default=4,
+        validation_alias=AliasChoices("OHS_WORKER_CQL_PROTOCOL_VERSION", "OHS_CQL_PROTOCOL_VERSION"),
+        description="CQL native protocol version (v4 costs the Python driver less CPU than v5).",
+    )
+    cql_driver: Literal["acsylla", "cassandra-driver"] = Field(
+        default="acsylla",
+        description="Driver of the worker's writes (acsylla: the C++ driver, ~5x less client CPU per row; "
+        "cassandra-driver: pure Python). Migrations and cluster metadata always use cassandra-driver.",
+    )
+    seq_guard: bool = Field(
+        default=True,
+        description="Dead-letter records whose (epoch, seq) lies beyond the bridge's acknowledged seq ceiling.",
+    )
+    topic_checkpoint: str = Field(
+        default="bridge.watermark",
+        validation_alias=AliasChoices("OHS_WORKER_TOPIC_CHECKPOINT", "OHS_BRIDGE_TOPIC_CHECKPOINT"),
+        description="The bridge's checkpoint topic (watermark and seq ceiling) the seq guard reads.",
+    )
+    bridge_id: str = Field(
+        default="bridge-1",
+        validation_alias=AliasChoices("OHS_WORKER_BRIDGE_ID", "OHS_BRIDGE_BRIDGE_ID"),
+        description="Which bridge's checkpoint record describes the topic this worker reads.",
+    )
+    write_pipeline: int = Field(
+        default=2,
+        ge=1,
+        le=8,
+        description="Batches being written at once: the next batch is prepared and sent while the previous "
+        "one is still in flight (1: one batch at a time).",
+    )
+    state_cache_users: int = Field(
+        default=50_000,
+        description="Users whose state the worker keeps decoded in memory between batches (a read cache of its "
+        "own writes, ~1 KB each; states of batches in flight are always held).",
+    )
+    health_stall_s: float = Field(
+        default=60.0,
+        description="/health fails when no batch became durable for this long while records wait.",
+    )
     retry_initial_s: float = Field(default=0.2, description="First back-off of a failed batch write.")
     retry_max_s: float = Field(default=10.0, description="Longest back-off between batch write attempts.")
     latency_file: str | None = Field(
@@ -64,7 +134,7 @@ class WorkerSettings(BaseSettings):
     )
     lag_interval_s: float = Field(default=10.0, description="How often the consumer lag gauges are refreshed.")
     request_timeout_s: float = Field(default=10.0, description="CQL request timeout; a timed-out batch is retried.")
-    write_concurrency: int = Field(default=64, description="CQL statements in flight per batch.")
+    write_concurrency: int = Field(default=32, description="CQL requests in flight per batch.")
 
     @property
     def hosts(self) -> list[str]:

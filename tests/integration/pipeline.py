@@ -34,6 +34,10 @@ class Pipeline:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # Every gateway client handed out, closed by stop_all: a test that fails before closing
+        # its client would otherwise leave a socket whose ResourceWarning (an error under
+        # filterwarnings) is raised in whichever later test the garbage collector runs in.
+        self._clients: list[EngineClient] = []
         self.gateway = f"tcp://127.0.0.1:{free_port()}"
         self.feed = f"tcp://127.0.0.1:{free_port()}"
         self.replay = f"tcp://127.0.0.1:{free_port()}"
@@ -83,6 +87,9 @@ class Pipeline:
         proc.wait(60)
 
     def stop_all(self) -> None:
+        for client in self._clients:
+            client.close()  # idempotent: zmq ignores a second close
+        self._clients.clear()
         for name in list(self.procs):
             proc = self.procs[name]
             if proc.poll() is None:
@@ -129,7 +136,8 @@ class Pipeline:
             try:
                 client.deposit(1, "USD", 1)  # a real command: proves the gateway is serving
                 client.close()
-                return EngineClient(self.gateway, timeout_ms=60_000)
+                self._clients.append(EngineClient(self.gateway, timeout_ms=60_000))
+                return self._clients[-1]
             except EngineClientError:
                 client.close()
                 if time.monotonic() > deadline:

@@ -13,11 +13,11 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.events import OrderUpdate, Trade
 from engine.journal import Journal
 from engine.settings import EngineSettings
-from engine.wire import HEADER, pack
 from schemas.codec import decode, encode
+from schemas.events import OrderUpdate, Trade
+from schemas.wire import HEADER, pack
 from tests.integration.pipeline import Pipeline, free_port, read_topics, seqs_of
 
 pytestmark = pytest.mark.integration
@@ -82,7 +82,33 @@ def _assert_log_matches_journal(p: Pipeline, bootstrap: str, last_seq: int) -> l
     for r in trades:
         per_trade.setdefault(int(dict(r.headers())["seq"]), set()).add(dict(r.headers())["side"])
     assert all(sides >= {b"taker"} for sides in per_trade.values())
+    assert_ceilings_cover(bootstrap, p.topics["checkpoint"], records)
     return records
+
+
+def assert_ceilings_cover(bootstrap: str, checkpoint_topic: str, records) -> None:
+    """The seq ceiling invariant, read back from the topics: for every event record (epoch E,
+    seq s) a checkpoint of epoch E with ceiling >= s was written no later than the record (the
+    bridge produces a record only after such a checkpoint was acknowledged)."""
+    import bisect
+
+    from schemas.checkpoint import Checkpoint
+
+    cps = read_topics(bootstrap, [checkpoint_topic], until=bool, timeout=60)
+    assert cps, "no checkpoint records"
+    by_epoch = {}
+    for c in sorted(cps, key=lambda c: (c.timestamp()[1], c.offset())):
+        cp = Checkpoint.from_bytes(c.value())
+        times, ceilings = by_epoch.setdefault(cp.epoch, ([], []))
+        times.append(c.timestamp()[1])
+        ceilings.append(max(cp.ceiling, ceilings[-1] if ceilings else 0))
+    for r in records:
+        h = dict(r.headers())
+        epoch, seq, ts = int(h["epoch"]), int(h["seq"]), r.timestamp()[1]
+        times, ceilings = by_epoch.get(epoch, ([], []))
+        i = bisect.bisect_right(times, ts) - 1
+        covered = ceilings[i] if i >= 0 else None
+        assert covered is not None and covered >= seq, f"epoch {epoch} seq {seq} at {ts}: ceiling then {covered}"
 
 
 def test_every_seq_reaches_kafka_even_across_a_bridge_kill_9(pipeline, stack_endpoints):
@@ -121,7 +147,9 @@ def test_every_seq_survives_an_engine_kill_9_and_restart(pipeline, stack_endpoin
 
 
 GARBAGE = [
-    ([b"only-one-frame"], "bad_frame_count"),
+    ([b"only-one-frame"], "bad_batch"),
+    ([b"three", b"frames", b"here"], "bad_frame_count"),
+    ([b"\x00\x00\x00\x02" + pack(1, 1, 1, 7)], "bad_batch"),
     ([b"x" * 10, b"payload"], "bad_header"),
     ([b"XX" + b"\x00" * (HEADER.size - 2), b"p"], "bad_magic"),
     ([pack(42, 1, 1), b"p"], "unknown_type"),
@@ -135,11 +163,12 @@ GARBAGE = [
 def test_bad_input_goes_to_the_dlq_and_the_stream_is_unaffected(pipeline, stack_endpoints):
     p = pipeline
     injector_endpoint = f"tcp://127.0.0.1:{free_port()}"
-    push = zmq.Context.instance().socket(zmq.PUSH)
+    push = zmq.Context.instance().socket(zmq.XPUB)  # sees the bridge's subscription arrive
     push.bind(injector_endpoint)
     p.start("engine", ["engine", "run"])
     client = p.client()
     p.start("bridge", ["bridge"], {"OHS_BRIDGE_FEED_ENDPOINT": f"{p.feed},{injector_endpoint}"})
+    assert push.poll(60_000) and push.recv()[:1] == b"\x01", "the bridge subscribes to the injector too"
     p.drive(client, 300, seed=6)
     # A valid payload under a header that lies about it, and a copy of a real event re-sent:
     real = _journal_events(p)[5]

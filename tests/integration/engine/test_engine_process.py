@@ -6,22 +6,25 @@ No Kafka or Cassandra needed: real ZeroMQ sockets on loopback, a real
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import struct
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 import zmq
+from prometheus_client.parser import text_string_to_metric_families
 
 from engine.client import EngineClient, EngineClientError
 from engine.journal import Journal
 from engine.recovery import recover
 from engine.settings import EngineSettings
-from engine.wire import HEARTBEAT, unpack
 from schemas.codec import decode
+from schemas.wire import HEARTBEAT, split_batch, unpack
 from tests.ports import free_port
 
 pytestmark = pytest.mark.integration
@@ -37,6 +40,7 @@ def engine_env(tmp_path):
     env = {**os.environ, "OHS_ENGINE_JOURNAL_DIR": str(tmp_path / "journal")}
     env.update({f"OHS_ENGINE_{k}_ENDPOINT": f"tcp://127.0.0.1:{p}" for k, p in ports.items()})
     env["OHS_ENGINE_HEARTBEAT_MS"] = "100"
+    env["OHS_ENGINE_METRICS_PORT"] = str(free_port())
     return env
 
 
@@ -70,15 +74,16 @@ def _drive(client, n):
 
 def test_feed_replay_gateway_and_recovery_after_sigkill(engine_env):
     ctx = zmq.Context.instance()
-    pull = ctx.socket(zmq.PULL)
+    pull = ctx.socket(zmq.SUB)
+    pull.setsockopt(zmq.SUBSCRIBE, b"")
     pull.connect(engine_env["OHS_ENGINE_FEED_ENDPOINT"])
     proc = subprocess.Popen([sys.executable, "-m", "ohs.cli", "engine", "run"], env=engine_env)
     try:
         _wait_ready(engine_env["OHS_ENGINE_GATEWAY_ENDPOINT"])
-        # The feed is live once a heartbeat arrives; until then PUSH has no peer and drops.
+        # The feed is live once a heartbeat arrives; until then the subscription is not in place.
         assert pull.poll(10_000), "no heartbeat on the feed"
         while pull.poll(0):
-            pull.recv_multipart()
+            pull.recv()
         client = EngineClient(engine_env["OHS_ENGINE_GATEWAY_ENDPOINT"], timeout_ms=20_000)
         results = _drive(client, 200)
         assert any(r.accepted for r in results) and any(not r.accepted for r in results)
@@ -89,17 +94,30 @@ def test_feed_replay_gateway_and_recovery_after_sigkill(engine_env):
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and (len(seen) < last_seq or heartbeat_seq < last_seq):
             if pull.poll(200):
-                header, payload = pull.recv_multipart()
-                h = unpack(header)
-                if h.type == HEARTBEAT:
-                    heartbeat_seq = h.seq
-                    continue
-                ev = decode(payload)
-                assert (ev.seq, ev.epoch) == (h.seq, h.epoch)
-                seen.append(ev.seq)
+                entries, problem = split_batch(pull.recv())  # a batch of entries per message
+                assert not problem, problem
+                for header, payload in entries:
+                    h = unpack(header)
+                    if h.type == HEARTBEAT:
+                        heartbeat_seq = h.seq
+                        continue
+                    ev = decode(payload)
+                    assert (ev.seq, ev.epoch) == (h.seq, h.epoch)
+                    seen.append(ev.seq)
         first = results[0].first_seq - 2  # the two deposits of _drive come first
         assert seen == list(range(first, last_seq + 1))
         assert heartbeat_seq == last_seq
+
+        # /metrics and /health of the engine process, served from its own thread.
+        port = engine_env["OHS_ENGINE_METRICS_PORT"]
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        values = {s.name: s for f in text_string_to_metric_families(text) for s in f.samples}
+        assert values["ohs_engine_last_seq"].value >= last_seq
+        assert values["ohs_engine_events_total"].value >= last_seq - first + 1
+        assert values["ohs_engine_commands_total"].value >= len(results)
+        assert values["ohs_build_info"].labels["component"] == "engine"
+        health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read())
+        assert health["status"] == "ok" and health["last_seq"] >= last_seq
 
         # Replay: exact ranges, END carries the engine's last seq, a wrong epoch is refused.
         dealer = ctx.socket(zmq.DEALER)
@@ -115,8 +133,8 @@ def test_feed_replay_gateway_and_recovery_after_sigkill(engine_env):
             if frames[0] == b"END":
                 assert struct.unpack(">QQ", frames[1]) == (epoch, last_seq)
                 break
-            assert frames[0] == b"EV"
-            got.append(decode(frames[2]).seq)
+            assert frames[0] == b"EVS" and len(frames) == 2
+            got += [decode(payload).seq for _, payload in split_batch(frames[1])[0]]
         assert got == list(range(10, 21))
         dealer.send_multipart([b"REPLAY", struct.pack(">QQQ", epoch + 1, 1, 5)])
         assert dealer.recv_multipart() == [b"ERR", f"epoch_mismatch:{epoch}".encode()]

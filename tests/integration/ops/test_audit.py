@@ -17,20 +17,32 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
-from engine.events import OrderUpdate, Trade
 from engine.journal import Journal
 from engine.recovery import recover
 from engine.settings import EngineSettings
 from schemas.codec import encode
+from schemas.events import OrderStatus, OrderUpdate, Trade
 from streams.lag import group_lag
 from streams.state import UserState
+from streams.trades import MAKER, TAKER, fills_of
 from tests.conftest import unique
 from tests.integration.pipeline import Pipeline
 from tests.integration.streams.test_worker import _worker_env
 
 pytestmark = pytest.mark.integration
 USERS = 30
-FAILING = ("lost", "extra", "inconsistent", "mismatch", "out_of_order", "unknown", "applied_twice", "stale")
+FAILING = (
+    "lost",
+    "extra",
+    "inconsistent",
+    "mismatch",
+    "out_of_order",
+    "unknown",
+    "applied_twice",
+    "stale",
+    "beyond_journal",
+    "unpublishable",
+)
 
 
 @dataclass
@@ -58,8 +70,8 @@ class Flow:
         """Until the worker committed every record: its Cassandra writes come before the commit."""
         deadline = time.monotonic() + timeout
         while True:
-            rows = group_lag(self.bootstrap, self.group, [self.p.topics["updates"]])
-            if len(rows) == 3 and all(r.committed == r.end or r.end == 0 for r in rows):
+            rows = group_lag(self.bootstrap, self.group, [self.p.topics["updates"], self.p.topics["trades"]])
+            if len(rows) == 6 and all(r.committed == r.end or r.end == 0 for r in rows):
                 return
             assert time.monotonic() < deadline, f"worker never caught up: {rows}\n{self.p.log('worker')}"
             time.sleep(1)
@@ -92,6 +104,7 @@ def _failing(report: dict[str, Any]) -> dict[str, int]:
     """Nonzero failing counts by "area.category", Kafka topics and Cassandra tables alike."""
     areas = {f"kafka.{r}": report["kafka"][r] for r in ("updates", "trades", "balances")}
     areas.update(report["cassandra"]["tables"])
+    areas["journal"] = report["journal_check"]
     return {f"{a}.{c}": n for a, counts in areas.items() for c, n in counts.items() if c in FAILING and n}
 
 
@@ -118,15 +131,106 @@ def test_a_settled_pipeline_audits_clean_and_counts_what_the_journal_holds(flow)
     for e in updates:
         states.setdefault(e.user_id, UserState()).apply(e)
     tables = report["cassandra"]["tables"]
-    assert tables["order_updates_stream"]["read"] == len(updates)
+    assert tables["user_updates"]["read"] == len(updates)
     assert tables["order_history"]["read"] == tables["orders_by_id"]["read"] == len(last)
     assert tables["active_orders"]["read"] == sum(len(engine.open_orders(u)) for u in range(1, USERS + 1)) > 0
     assert tables["order_statistics"]["read"] == sum(len(s.stats) for s in states.values())
+    fills = [f for t in trades for u in {t.taker_user_id, t.maker_user_id} for f in fills_of(t, u)]
+    assert tables["user_trades"]["read"] == len(fills) == 2 * len(trades) == report["journal"]["fills"] > 0
+    assert tables["user_trade_months"]["read"] == len({(f.user_id, f.month) for f in fills})
     for area in [*kafka.values(), *tables.values()]:
         if isinstance(area, dict) and "read" in area:
             assert area["read"] == area["expected"]
     assert not _failing(report) and not report["per_user"]
     assert report["timing"]["events_per_s"] > 0
+
+
+_FILL = "user_id, month, ts_ns, epoch, seq, liquidity, trade_id, order_id, symbol, side, price, qty, quote_qty, fee"
+
+
+def test_each_fill_lost_forged_or_changed_and_a_missing_month_are_named(flow):
+    """Issue 16: the audit checks user_trades and user_trade_months against the journal's trades.
+    The tampering is undone at the end (with later timestamps), for the next test."""
+    cql, ks = flow.cql, flow.p.keyspace
+    engine, events = flow.journal()
+    trades = [e for e in events if isinstance(e, Trade)]
+    months = {(r.user_id, r.month) for r in cql.execute(f"SELECT user_id, month FROM {ks}.user_trade_months")}
+    pair = next(t for t in trades if t.taker_user_id != t.maker_user_id)
+    (gone,) = fills_of(pair, pair.maker_user_id)  # deleted
+    (real,) = fills_of(pair, pair.taker_user_id)
+    # The taker's fill copied into the partition of a user who took no part (one the audit reads).
+    third = next(u for u, m in sorted(months) if m == real.month and u not in (pair.taker_user_id, gone.user_id))
+    changed = next(  # its qty changed
+        f
+        for t in trades[len(trades) // 2 :]
+        for f in fills_of(t, t.taker_user_id)
+        if t.seq != pair.seq and f.user_id not in (gone.user_id, third)
+    )
+    hidden = next(m for m in sorted(months) if m[0] not in (gone.user_id, changed.user_id, third))  # unindexed
+    stamp = engine.epoch + engine.last_seq + 5_000  # later than anything the worker wrote
+    key = "WHERE user_id = %s AND month = %s AND ts_ns = %s AND epoch = %s AND seq = %s AND liquidity = %s"
+
+    def fill_key(f):  # type: ignore[no-untyped-def]
+        return (f.user_id, f.month, f.ts_ns, f.epoch, f.seq, f.liquidity)
+
+    def insert(values, ts):  # type: ignore[no-untyped-def]
+        marks = ", ".join(["%s"] * len(values))
+        cql.execute(f"INSERT INTO {ks}.user_trades ({_FILL}) VALUES ({marks}) USING TIMESTAMP %s", (*values, ts))
+
+    row = [getattr(gone, c.strip()) for c in _FILL.split(",")]
+    forged = [third if c.strip() == "user_id" else getattr(real, c.strip()) for c in _FILL.split(",")]
+    try:
+        cql.execute(f"DELETE FROM {ks}.user_trades USING TIMESTAMP %s {key}", (stamp, *fill_key(gone)))
+        insert(forged, stamp)  # the taker's fill again, in a user's partition who took no part in the trade
+        cql.execute(
+            f"UPDATE {ks}.user_trades USING TIMESTAMP %s SET qty = %s {key}",
+            (stamp, changed.qty + 1, *fill_key(changed)),
+        )
+        cql.execute(
+            f"DELETE FROM {ks}.user_trade_months USING TIMESTAMP %s WHERE user_id = %s AND month = %s", (stamp, *hidden)
+        )
+        rc, report = flow.audit()
+        assert (rc, _failing(report)) == (
+            1,
+            {"user_trades.lost": 1, "user_trades.extra": 1, "user_trades.mismatch": 1, "user_trade_months.lost": 1},
+        )
+        examples = {(e["area"], e["category"]): e for e in report["problems"]}
+        lost = examples[("user_trades", "lost")]
+        assert (lost["user_id"], lost["seq"], lost["liquidity"], lost["month"]) == (
+            gone.user_id,
+            gone.seq,
+            MAKER,
+            gone.month,
+        )
+        extra = examples[("user_trades", "extra")]
+        assert (extra["user_id"], extra["seq"], extra["liquidity"], extra["reason"]) == (
+            third,
+            pair.seq,
+            TAKER,
+            "misplaced",
+        )
+        assert extra["journal_user"] == pair.taker_user_id
+        mismatch = examples[("user_trades", "mismatch")]
+        assert (mismatch["user_id"], mismatch["seq"]) == (changed.user_id, changed.seq)
+        assert mismatch["fields"] == {"qty": [changed.qty, changed.qty + 1]}
+        month = examples[("user_trade_months", "lost")]
+        assert (month["user_id"], month["month"]) == hidden
+        assert report["per_user"][str(gone.user_id)] == {"user_trades.lost": 1}
+        tables = report["cassandra"]["tables"]
+        assert tables["user_trades"]["read"] == tables["user_trades"]["expected"], "one row fewer, one more"
+    finally:
+        insert(row, stamp + 1)
+        cql.execute(f"DELETE FROM {ks}.user_trades USING TIMESTAMP %s {key}", (stamp + 1, third, *fill_key(real)[1:]))
+        cql.execute(
+            f"UPDATE {ks}.user_trades USING TIMESTAMP %s SET qty = %s {key}",
+            (stamp + 1, changed.qty, *fill_key(changed)),
+        )
+        cql.execute(
+            f"INSERT INTO {ks}.user_trade_months (user_id, month) VALUES (%s, %s) USING TIMESTAMP %s",
+            (*hidden, stamp + 1),
+        )
+    rc, report = flow.audit()
+    assert rc == 0 and not _failing(report), report["problems"][:5]
 
 
 def test_real_faults_are_found_under_their_category(flow):
@@ -138,12 +242,12 @@ def test_real_faults_are_found_under_their_category(flow):
     gone = updates[len(updates) // 2]
     day = dt.datetime.fromtimestamp(gone.ts_ns / 1e9, tz=dt.UTC).date()
     cql.execute(
-        f"DELETE FROM {ks}.order_updates_stream WHERE day = %s AND bucket = %s AND epoch = %s AND seq = %s",
-        (day, gone.seq % 16, gone.epoch, gone.seq),
+        f"DELETE FROM {ks}.user_updates WHERE user_id = %s AND day = %s AND epoch = %s AND seq = %s",
+        (gone.user_id, day, gone.epoch, gone.seq),
     )
     rc, report = flow.audit()
-    assert (rc, _failing(report)) == (1, {"order_updates_stream.lost": 1})
-    assert report["per_user"] == {str(gone.user_id): {"order_updates_stream.lost": 1}}
+    assert (rc, _failing(report)) == (1, {"user_updates.lost": 1})
+    assert report["per_user"] == {str(gone.user_id): {"user_updates.lost": 1}}
 
     # 2. An active order overwritten with a wrong filled_qty, newer than anything the worker wrote.
     victim = next(o for u in range(1, USERS + 1) for o in engine.open_orders(u))
@@ -153,7 +257,7 @@ def test_real_faults_are_found_under_their_category(flow):
         (victim.epoch + engine.last_seq + 1_000, victim.filled_qty + 1, victim.user_id, victim.epoch, victim.order_id),
     )
     rc, report = flow.audit()
-    assert (rc, _failing(report)) == (1, {"order_updates_stream.lost": 1, "active_orders.mismatch": 1})
+    assert (rc, _failing(report)) == (1, {"user_updates.lost": 1, "active_orders.mismatch": 1})
     (example,) = [e for e in report["problems"] if e["area"] == "active_orders"]
     assert example["order_id"] == victim.order_id
     assert example["fields"] == {"filled_qty": [victim.filled_qty, victim.filled_qty + 1]}
@@ -189,7 +293,7 @@ def test_real_faults_are_found_under_their_category(flow):
     )
     rc, report = flow.audit()
     expected = {
-        "order_updates_stream.lost": 1,
+        "user_updates.lost": 1,
         "active_orders.mismatch": 1,
         "order_history.applied_twice": 1,
         "order_statistics.applied_twice": 1,
@@ -229,9 +333,70 @@ def test_real_faults_are_found_under_their_category(flow):
     assert failing["kafka.updates.lost"] == len(new_updates) > 0
     assert failing["kafka.trades.lost"] == sum(1 if t.taker_user_id == t.maker_user_id else 2 for t in trades)
     assert failing["kafka.balances.lost"] == len(new) - len(new_updates) - len(trades)
-    assert failing["order_updates_stream.lost"] == 1 + len(new_updates)
+    assert failing["user_updates.lost"] == 1 + len(new_updates)
     assert failing["kafka.updates.inconsistent"] == 1
-    assert "kafka.updates.out_of_order" not in failing and "order_updates_stream.extra" not in failing
+    assert "kafka.updates.out_of_order" not in failing and "user_updates.extra" not in failing
     # Rows of orders the new events changed are behind them: stale (the events never arrived), not
     # applied twice (only the order rewritten in step 3 may still show as that).
     assert failing["order_history.stale"] > 0 and failing.get("order_history.applied_twice", 0) <= 1
+
+    # 6. Issue 12, item 10: a record on the updates topic with a far-future seq, and the rows it made
+    #    (written here as the worker writes them). Before, they were "ahead" (information) and the
+    #    audit passed them; the journal never produced them: each is a failure, beyond_journal.
+    p.kill("worker", signal.SIGTERM)  # nothing consumes the forged record meanwhile
+    report5 = report
+    victim = next(e for e in new_updates if e.user_id == 5 or e is new_updates[-1])  # user 5's, as in the issue
+    forged = replace(victim, seq=engine.last_seq + 1_000_000, status=OrderStatus.CANCELLED, remaining_qty=0)
+    stamp = forged.epoch + forged.seq
+    headers = [("epoch", str(forged.epoch).encode()), ("seq", str(forged.seq).encode())]
+    producer.produce(p.topics["updates"], encode(forged), str(victim.user_id).encode(), headers=headers)
+    assert producer.flush(30) == 0
+    day = dt.datetime.fromtimestamp(forged.ts_ns / 1e9, tz=dt.UTC).date()
+    cql.execute(
+        f"INSERT INTO {ks}.user_updates (user_id, day, epoch, seq, order_id, status, payload) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s) USING TIMESTAMP %s",
+        (
+            victim.user_id,
+            day,
+            forged.epoch,
+            forged.seq,
+            forged.order_id,
+            "CANCELLED",
+            encode(forged),
+            stamp,
+        ),
+    )
+    cql.execute(
+        f"UPDATE {ks}.order_history USING TIMESTAMP %s SET status = 'CANCELLED', remaining_qty = 0, seq = %s "
+        "WHERE user_id = %s AND epoch = %s AND order_id = %s",
+        (stamp, forged.seq, victim.user_id, forged.epoch, forged.order_id),
+    )
+    cql.execute(
+        f"UPDATE {ks}.orders_by_id USING TIMESTAMP %s SET user_id = %s, symbol = %s WHERE order_id = %s AND epoch = %s",
+        (stamp, victim.user_id, victim.symbol, forged.order_id, forged.epoch),
+    )
+    cql.execute(
+        f"UPDATE {ks}.order_statistics USING TIMESTAMP %s SET last_epoch = %s, last_seq = %s "
+        "WHERE user_id = %s AND symbol = '*'",
+        (stamp, forged.epoch, forged.seq, victim.user_id),
+    )
+    rc, report = flow.audit()
+    failing = _failing(report)
+    assert rc == 1
+    beyond = {k: v for k, v in failing.items() if k.endswith(".beyond_journal")}
+    assert beyond == {
+        "kafka.updates.beyond_journal": 1,
+        "user_updates.beyond_journal": 1,
+        "order_history.beyond_journal": 1,
+        "orders_by_id.beyond_journal": 1,
+        "order_statistics.beyond_journal": 1,
+    }
+    # What the forged rows overwrote no longer counts as behind (stale): nothing else changes.
+    rest = {k: v for k, v in failing.items() if not k.endswith(".beyond_journal")}
+    assert set(rest) <= set(_failing(report5)) and all(v <= _failing(report5)[k] for k, v in rest.items())
+    assert sum(_failing(report5).values()) - sum(rest.values()) <= 3
+    tables = report["cassandra"]["tables"]
+    assert report["kafka"]["updates"]["ahead"] == 0 and all(t.get("ahead", 0) == 0 for t in tables.values())
+    examples = [e for e in report["problems"] if e["category"] == "beyond_journal"]
+    assert {e["seq"] for e in examples} == {forged.seq} and {e["user_id"] for e in examples} == {victim.user_id}
+    assert report["per_user"][str(victim.user_id)]["kafka.updates.beyond_journal"] == 1

@@ -9,15 +9,17 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from engine.events import OrderUpdate
+from schemas.events import OrderUpdate, Trade
 from tests.integration.pipeline import Pipeline, read_topics, seqs_of
+from tests.integration.streams.test_trades import _journal_trades, _want
+from tests.integration.streams.test_trades import _rows as _fills
 from tests.integration.streams.test_worker import USERS, _check_rows, _truth
 
 pytestmark = pytest.mark.integration
@@ -25,9 +27,7 @@ TABLES = (
     "active_orders",
     "order_history",
     "orders_by_id",
-    "order_updates_stream",
     "user_updates",
-    "order_events",
     "order_statistics",
 )
 
@@ -43,6 +43,9 @@ class Filled:
     updates: list[OrderUpdate]
     records: list[Any]
     ends: dict[int, int]
+    trades_topic: str = ""
+    trades: list[Trade] = field(default_factory=list)
+    """The journal's trades: the bridge wrote each to trades_topic once per user."""
 
     @property
     def total(self) -> int:
@@ -77,6 +80,14 @@ def filled(stack_endpoints, tmp_path_factory):
         want = {e.seq for e in updates}
         bootstrap = stack_endpoints.kafka_bootstrap
         read_topics(bootstrap, [p.topics["updates"]], until=lambda rs: set(seqs_of(rs)) >= want, timeout=120)
+        trades = _journal_trades(p)
+        sides = {(t.seq, u) for t in trades for u in (t.taker_user_id, t.maker_user_id)}
+        read_topics(
+            bootstrap,
+            [p.topics["trades"]],
+            until=lambda rs: {(s, int(r.key())) for s, r in zip(seqs_of(rs), rs, strict=True)} >= sides,
+            timeout=120,
+        )
     finally:
         p.stop_all()
     probe = Consumer({"bootstrap.servers": bootstrap, "group.id": f"probe-{p.tag}"})
@@ -89,7 +100,7 @@ def filled(stack_endpoints, tmp_path_factory):
     records = read_topics(bootstrap, [p.topics["updates"]], until=lambda rs: len(rs) >= sum(ends.values()))
     assert len(records) == sum(ends.values())
     env = p.env({"OHS_WORKER_TOPIC_DLQ": p.topics["dlq"]})
-    return Filled(env, bootstrap, p.topics["updates"], engine, updates, records, ends)
+    return Filled(env, bootstrap, p.topics["updates"], engine, updates, records, ends, p.topics["trades"], trades)
 
 
 def _group() -> str:
@@ -97,7 +108,12 @@ def _group() -> str:
 
 
 def _rows(cql: Any, ks: str) -> dict[str, set[tuple[Any, ...]]]:
-    return {t: {tuple(r) for r in cql.execute(f"SELECT * FROM {ks}.{t}", timeout=60)} for t in TABLES}
+    def frozen(value):  # map columns (an order's events) as sorted tuples, so rows can be compared as a set
+        return tuple(sorted(value.items())) if hasattr(value, "items") else value
+
+    return {
+        t: {tuple(frozen(v) for v in r) for r in cql.execute(f"SELECT * FROM {ks}.{t}", timeout=60)} for t in TABLES
+    }
 
 
 def _iso(ms: int) -> str:
@@ -127,7 +143,7 @@ def test_replaying_again_changes_nothing_and_leaves_other_groups_alone(filled, c
     group = _group()
     filled.replay("--from-beginning", "--keyspace", ks, "--group", group)
     rows = _rows(cql_session, ks)
-    assert len(rows["order_updates_stream"]) == len({e.seq for e in filled.updates})
+    assert len(rows["user_updates"]) == len({e.seq for e in filled.updates})
 
     again = filled.replay("--from-beginning", "--keyspace", ks, "--group", group)
     assert again["records"] == filled.total
@@ -244,5 +260,115 @@ def test_bad_records_are_dead_lettered_with_the_workers_headers_or_only_counted_
         assert (letter.key(), letter.value()) == (key, value), "a dead letter carries the raw record"
         assert h["reason"] in reasons and h["source"] == "replay" and h["detail"]
         assert (h["topic"], h["partition"], h["offset"]) == (topic, "1", str(offset))
-    stream = cql_session.execute(f"SELECT seq FROM {ks}.order_updates_stream")
+    stream = cql_session.execute(f"SELECT seq FROM {ks}.user_updates")
     assert {r.seq for r in stream} == {int(dict(r.headers())["seq"]) for r in good}
+
+
+def _lease(cql_session, ks: str, group: str):  # type: ignore[no-untyped-def]
+    return cql_session.execute(f"SELECT owner, pid FROM {ks}.replay_leases WHERE grp = %s", (group,)).one()
+
+
+def test_one_replay_per_group_even_after_a_kill_9_until_its_lease_expires(filled, cql_session, keyspace_factory):
+    """Before: two replays at once ran into the same group (manual assignment joins no group, so
+    nothing refused the second), committing over each other's positions."""
+    ks = keyspace_factory("lease")
+    group, ttl = _group(), 12
+    cmd = [sys.executable, "-m", "ohs.cli", "replay", "--topic", filled.topic, "--json", "--keyspace", ks]
+    cmd += ["--group", group, "--lease-ttl", str(ttl)]
+
+    def second(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*cmd, *args], env=filled.env, capture_output=True, text=True, timeout=120, check=False)
+
+    first = subprocess.Popen(
+        [*cmd, "--from-beginning", "--batch-size", "2"], env=filled.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while sum(filled.committed(group).values()) < 20:  # it holds the lease and commits batches
+            assert first.poll() is None, first.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the first replay committed nothing"
+            time.sleep(0.05)
+        holder = _lease(cql_session, ks, group)
+        assert holder is not None and holder.pid == first.pid
+        for args in ((), ("--from-beginning",)):  # a resume, and a restart that would delete its positions
+            refused = second(*args)
+            assert refused.returncode == 1, refused.stdout + refused.stderr[-3000:]
+            assert f"group {group!r} has an active replay" in refused.stderr, refused.stderr[-3000:]
+            assert f"pid {first.pid}" in refused.stderr
+        assert first.poll() is None, "the refused replays must not disturb the running one"
+        assert sum(filled.committed(group).values()) >= 20, "a refused --from-beginning deleted the positions"
+
+        first.kill()  # -9: no release, the lease must expire by itself
+        first.wait(30)
+        killed_at = time.monotonic()
+        refused = second()
+        if time.monotonic() - killed_at < ttl / 2:  # only meaningful while the dead lease surely holds
+            assert refused.returncode == 1 and "has an active replay" in refused.stderr, refused.stderr[-3000:]
+        while _lease(cql_session, ks, group) is not None:
+            assert time.monotonic() - killed_at < ttl + 15, "the lease of a killed replay never expired"
+            time.sleep(0.5)
+    finally:
+        if first.poll() is None:
+            first.kill()
+        first.communicate()
+    done = filled.committed(group)
+    resumed = second()  # the same group resumes where the killed one committed
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    s = json.loads(resumed.stdout)
+    assert {p["partition"]: p["start"] for p in s["partitions"]} == done
+    assert filled.committed(group) == filled.ends
+    assert _lease(cql_session, ks, group) is None, "a replay that ends releases its lease"
+    _check_rows(cql_session, ks, filled.engine, filled.updates)
+
+
+def test_of_two_replays_started_together_exactly_one_runs(filled, cql_session, keyspace_factory):
+    ks = keyspace_factory("race")
+    filled.replay("--from-offset", "0:0", "--keyspace", ks, "--group", _group())  # the keyspace and lease table
+    group = _group()
+    cmd = [sys.executable, "-m", "ohs.cli", "replay", "--topic", filled.topic, "--json", "--keyspace", ks]
+    cmd += ["--group", group, "--from-beginning", "--batch-size", "20"]  # long enough to overlap
+    procs = [
+        subprocess.Popen(cmd, env=filled.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    results = [(proc.returncode, out, err) for proc, (out, err) in zip(procs, outputs, strict=True)]
+    assert sorted(rc for rc, _, _ in results) == [0, 1], [err[-2000:] for _, _, err in results]
+    (_, out, _), (_, _, err) = sorted(results, key=lambda r: r[0])
+    assert "has an active replay" in err
+    assert json.loads(out)["records"] == filled.total
+    assert filled.committed(group) == filled.ends
+    _check_rows(cql_session, ks, filled.engine, filled.updates)
+
+
+def test_trades_from_beginning_into_a_fresh_keyspace_equal_the_engine_fills(filled, cql_session, keyspace_factory):
+    """Issue 16: ``--what trades`` rebuilds user_trades and user_trade_months from the trades topic."""
+    ks = keyspace_factory("fills")
+    group = _group()
+    # No --topic: the trades replay reads the bridge's trades topic (OHS_BRIDGE_TOPIC_TRADES here).
+    cmd = [sys.executable, "-m", "ohs.cli", "replay", "--what", "trades", "--json", "--from-beginning"]
+    cmd += ["--keyspace", ks, "--group", group, "--batch-size", "50"]
+    proc = subprocess.run(cmd, env=filled.env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads(proc.stdout)
+    trades = filled.trades
+    assert len(trades) > 50, "the flow traded"
+    records = sum(1 if t.taker_user_id == t.maker_user_id else 2 for t in trades)
+    want = _want(trades)
+    assert (s["what"], s["topic"], s["group"]) == ("trades", filled.trades_topic, group)
+    assert (s["records"], s["applied"], s["dead_lettered"], s["stopped_by"]) == (records, len(want), 0, None)
+    assert len(want) == 2 * len(trades)
+    assert not s["statistics"] and "fills have none" in s["statistics_note"]
+    assert _fills(cql_session, ks) == want
+    months = {(r.user_id, r.month) for r in cql_session.execute(f"SELECT user_id, month FROM {ks}.user_trade_months")}
+    assert months == {(row[0], row[1]) for row in want}
+    for table in TABLES:  # the fills only: the order tables are the updates replay's
+        assert list(cql_session.execute(f"SELECT * FROM {ks}.{table} LIMIT 1")) == [], table
+
+    # Again, in smaller batches: identical rows (the worker's write path: USING TIMESTAMP epoch + seq).
+    again = filled.replay(
+        "--what", "trades", "--from-beginning", "--keyspace", ks, "--group", group, "--batch-size", "7",
+        topic=filled.trades_topic,
+    )  # fmt: skip
+    assert (again["records"], again["applied"]) == (records, len(want))
+    assert _fills(cql_session, ks) == want

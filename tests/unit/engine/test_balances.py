@@ -11,7 +11,9 @@ import pytest
 
 from engine.commands import AdvanceTime, CancelOrder, Deposit, PlaceOrder, Withdraw
 from engine.core import Engine
-from engine.events import (
+from engine.interfaces import Balance, SymbolSpec
+from engine.reference import ReferenceEngine
+from schemas.events import (
     BalanceReason,
     BalanceUpdate,
     OrderStatus,
@@ -22,8 +24,6 @@ from engine.events import (
     TimeInForce,
     Trade,
 )
-from engine.interfaces import Balance, SymbolSpec
-from engine.reference import ReferenceEngine
 
 BUY, SELL, LIMIT, MARKET = Side.BUY, Side.SELL, OrderType.LIMIT, OrderType.MARKET
 GTC, IOC, FOK, GTT = TimeInForce.GTC, TimeInForce.IOC, TimeInForce.FOK, TimeInForce.GTT

@@ -8,11 +8,11 @@ import pytest
 
 from engine.commands import CancelOrder, Deposit, PlaceOrder
 from engine.core import Engine
-from engine.events import OrderType, Side, TimeInForce
 from engine.interfaces import SymbolSpec
 from engine.journal import Journal, JournalError, command_from_dict, command_to_dict
 from engine.recovery import recover
-from engine.wire import HEARTBEAT, WireError, header_for, pack, unpack
+from schemas.events import OrderType, Side, TimeInForce
+from schemas.wire import HEARTBEAT, WireError, header_for, pack, unpack
 
 SYMBOLS = [SymbolSpec("BTC-USD", "BTC", "USD")]
 

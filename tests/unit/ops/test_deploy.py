@@ -59,9 +59,36 @@ METRICS = {
     "bridge": ("bridge.metrics", "metrics_port"),
     "worker": ("streams.metrics", "web_port"),
     "api": ("api.metrics", "port"),
+    "engine": ("engine.metrics", "metrics_port"),
+}
+# The port a process's metrics are scraped on while its settings do not name one yet.
+CONTRACT_PORTS = {"engine": 9465}
+# Series every process exports (issue 15): `ohs_build_info{component, version} 1`.
+BUILD_INFO = ("gauge", {"component", "version"})
+# The metrics contract of processes whose metrics module is being written (issue 15): alert rules
+# and dashboards may name these before the module exists; once it exists it must export them, with
+# these types and at least these labels.
+CONTRACT: dict[str, dict[str, tuple[str, set[str]]]] = {
+    "engine": {
+        "ohs_engine_commands_total": ("counter", set()),
+        "ohs_engine_events_total": ("counter", set()),
+        "ohs_engine_rejected_total": ("counter", set()),
+        "ohs_engine_feed_dropped_total": ("counter", set()),
+        "ohs_engine_replay_requests_total": ("counter", set()),
+        "ohs_engine_replayed_events_total": ("counter", set()),
+        "ohs_engine_gateway_errors_total": ("counter", set()),
+        "ohs_engine_last_seq": ("gauge", set()),
+        "ohs_engine_epoch": ("gauge", set()),
+    },
+    "api": {
+        "ohs_api_requests_total": ("counter", {"route", "status"}),
+        "ohs_api_request_seconds_bucket": ("histogram", {"route", "le"}),
+        "ohs_api_ws_subscribers": ("gauge", set()),
+        "ohs_api_live_tail_delay_seconds": ("gauge", set()),
+    },
 }
 # Process -> (settings field of its HTTP port, path its compose health check probes).
-HTTP_HEALTH = {"bridge": ("metrics_port", "/health"), "worker": ("web_port", "/metrics"), "api": ("port", "/health")}
+HTTP_HEALTH = {"bridge": ("metrics_port", "/health"), "worker": ("web_port", "/health"), "api": ("port", "/health")}
 # Metrics endpoints of the third-party services: their own defaults, not set in compose.
 THIRD_PARTY_METRICS = {"redpanda": (9644, "/public_metrics")}
 # Series Prometheus writes itself for every target.
@@ -248,6 +275,13 @@ def collectors(module_name: str) -> list[MetricWrapperBase]:
     return list(found.values())
 
 
+def _series(family_name: str, kind: str, labels: set[str]) -> dict[str, tuple[str, set[str]]]:
+    return {
+        family_name + suffix: (kind, labels | ({"le"} if suffix == "_bucket" else set()))
+        for suffix in _SERIES_SUFFIXES[kind]
+    }
+
+
 @cache
 def exported_series() -> dict[str, tuple[str, set[str]]]:
     """Series name -> (metric type, label names), for every metric the processes export."""
@@ -257,8 +291,21 @@ def exported_series() -> dict[str, tuple[str, set[str]]]:
             # Label names are not part of describe()'s output: the wrapper keeps them.
             labels = set(getattr(collector, "_labelnames", ()))
             for family in collector.describe():
-                for suffix in _SERIES_SUFFIXES[family.type]:
-                    out[family.name + suffix] = (family.type, labels | ({"le"} if suffix == "_bucket" else set()))
+                out.update(_series(family.name, family.type, labels))
+    return out
+
+
+@cache
+def known_series() -> dict[str, tuple[str, set[str]]]:
+    """What rules and dashboards may name: the exported series, plus the contract of the processes
+    whose metrics module does not exist yet, plus ``ohs_build_info``."""
+    out = dict(exported_series())
+    for proc, contract in CONTRACT.items():
+        if not collectors(METRICS[proc][0]):
+            for name, (kind, labels) in contract.items():
+                family = name.removesuffix("_total") if kind == "counter" else name
+                out.update(_series(family, kind, labels))
+    out.setdefault("ohs_build_info", BUILD_INFO)
     return out
 
 
@@ -359,8 +406,22 @@ def test_promql_parsing():
     assert promql_metric_names("max(a:b_c) - max(d)") == {"a:b_c", "d"}
 
 
-def test_every_dashboard_query_names_only_metrics_the_code_exports():
+def test_the_processes_that_export_metrics_honour_the_contract():
     series = exported_series()
+    for proc, contract in CONTRACT.items():
+        if not collectors(METRICS[proc][0]):
+            continue  # not written yet: known_series() stands in for it
+        for name, (kind, labels) in contract.items():
+            assert name in series, f"{METRICS[proc][0]} does not export {name} (issue 15's contract)"
+            got_kind, got_labels = series[name]
+            assert got_kind == kind and labels <= got_labels, f"{name}: {got_kind} {got_labels}, want {kind} {labels}"
+    if "ohs_build_info" in series:
+        kind, labels = series["ohs_build_info"]
+        assert kind == BUILD_INFO[0] and BUILD_INFO[1] <= labels, series["ohs_build_info"]
+
+
+def test_every_dashboard_query_names_only_metrics_the_code_exports():
+    series = known_series()
     assert targets()
     for title, target in targets():
         names = promql_metric_names(target["expr"])
@@ -372,7 +433,7 @@ def test_every_dashboard_query_names_only_metrics_the_code_exports():
 
 
 def test_every_label_a_dashboard_query_uses_exists_on_its_metrics():
-    series = exported_series()
+    series = known_series()
     target_labels = {"job", "instance"}  # attached by Prometheus to every scraped series
     for title, target in targets():
         known = set(target_labels)
@@ -398,9 +459,23 @@ def test_the_dashboard_covers_every_stage():
         "ohs_worker_write_seconds_bucket", "ohs_worker_batch_records_bucket", "ohs_bridge_dead_lettered_total",
         "ohs_worker_dead_lettered_total", "ohs_bridge_gaps_total", "ohs_bridge_replayed_total",
         "ohs_bridge_engine_seq", "ohs_bridge_watermark", "ohs_bridge_produce_latency_seconds_bucket",
-        "ohs_worker_write_retries_total",
+        "ohs_worker_write_retries_total", "ohs_build_info",
+        *(name for contract in CONTRACT.values() for name in contract if name != "ohs_engine_epoch"),
     ):  # fmt: skip
+        name = f"{name}_bucket" if known_series().get(f"{name}_bucket") else name
         assert re.search(rf"\b{name}\b", exprs), f"no panel shows {name}"
+
+
+def test_every_query_can_be_narrowed_to_an_instance():
+    (var,) = [v for v in dashboard()["templating"]["list"] if v["name"] == "instance"]
+    assert var["type"] == "query" and var["includeAll"] and var["multi"] and var["allValue"] == ".*"
+    assert var["datasource"] == {"type": "prometheus", "uid": datasource_uid()}
+    m = re.fullmatch(r"label_values\((.+), instance\)", var["query"]["query"])
+    assert m and promql_metric_names(m[1]) == {"up"} and promql_job_matchers(m[1]) == set(METRICS), var["query"]
+    for title, target in targets():
+        e = _STRING.sub('""', target["expr"].replace('"$instance"', "INSTANCE"))
+        selectors = re.findall(r"\b(?:ohs_\w+|up)\b(?!\s*\()(\{[^}]*\})?", e)
+        assert selectors and all("instance=~INSTANCE" in (m or "") for m in selectors), f"panel {title!r}: {e}"
 
 
 # ============================================================================================
@@ -658,12 +733,16 @@ def test_prometheus_scrapes_the_compose_services_on_their_settings_ports():
                 else:
                     proc = process(host)
                     assert proc in METRICS, f"job {job_name}: ohs {proc} exports no metrics"
-                    assert port == getattr(effective(host), METRICS[proc][1]), f"job {job_name}: {target}"
+                    field = METRICS[proc][1]
+                    want = getattr(effective(host), field, None)
+                    if want is None:  # the process's settings do not name its metrics port yet
+                        want = CONTRACT_PORTS.get(proc)
+                    assert port == want, f"job {job_name}: {target}, the process serves /metrics on {want}"
                     assert path == "/metrics", job_name
                 scraped.add(host)
-    exporting = {name for name, proc in ohs_services().items() if proc in METRICS and collectors(METRICS[proc][0])}
-    assert exporting == {"bridge", "worker"} | ({"api"} if collectors("api.metrics") else set())
-    assert exporting <= scraped, f"not scraped: {sorted(exporting - scraped)}"
+    with_metrics = {name for name, proc in ohs_services().items() if proc in METRICS}
+    assert with_metrics == {"bridge", "worker", "engine", "api"}
+    assert with_metrics <= scraped, f"not scraped: {sorted(with_metrics - scraped)}"
     assert "redpanda" in scraped
 
 

@@ -12,7 +12,9 @@ from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.events import (
+from schemas import codec
+from schemas.codec import SCHEMA_DIR, CodecError, decode, encode, event_type_of
+from schemas.events import (
     BalanceReason,
     BalanceUpdate,
     OrderStatus,
@@ -23,8 +25,6 @@ from engine.events import (
     TimeInForce,
     Trade,
 )
-from schemas import codec
-from schemas.codec import SCHEMA_DIR, CodecError, decode, encode, event_type_of
 
 longs = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 text = st.text(max_size=20)

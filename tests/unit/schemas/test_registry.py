@@ -8,8 +8,8 @@ import json
 import pytest
 from fastavro import parse_schema, schemaless_writer
 
-from engine.events import OrderStatus
 from schemas.codec import SCHEMA_DIR, CodecError, current_schemas, decode, encode
+from schemas.events import OrderStatus
 from schemas.registry import Registry, is_registry_frame
 from tests.unit.schemas.test_codec import SAMPLES
 

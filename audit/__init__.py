@@ -1,0 +1,1 @@
+"""The pipeline audit (``ohs audit``): the journal, Kafka and Cassandra checked against each other."""

@@ -1,0 +1,1 @@
+"""Benchmarks (``ohs bench ...``) of every stage and of the whole pipeline."""

@@ -1,0 +1,363 @@
+"""Everything the worker needs from Faust beyond its public API, in one place.
+
+Faust (faust-streaming) delivers messages one at a time through three layers
+of asyncio machinery, and on this project's 2-core machine that machinery
+alone costs ~180 µs of CPU per record (measured with an agent that does
+nothing: ``docs/benchmarks.md``), more than the worker's whole per-update
+budget. Two places cost most:
+
+* the consumer's drain loop wraps every message in ``Service.wait_first``
+  (four tasks and an ``asyncio.wait`` per message, to notice a rebalance);
+* a stream's iterator runs ``await sleep(0)``, the processors and the sensors
+  per event, and ``take_events`` adds a coroutine per event on top.
+
+So the worker (a) runs a consumer whose drain loop calls the conductor
+directly and checks for a rebalance between messages instead of racing it,
+(b) takes each batch straight from its agent's channel queue: every event
+already queued, without awaiting between them, and (c) stores a batch's
+table values itself (``TableWriter``): into the table's store, exactly where
+``table[key] = value`` puts them, and into its changelog as one produce batch
+per partition, instead of one Faust message future, buffer task and
+producer call per value (~240 µs each, measured). Everything else is
+Faust's: the group, the assignment, the conductor, the table's store, its
+changelog topic and recovery, acks and commits.
+
+What this module relies on is checked by ``tests/unit/streams/test_faust_adapter.py``,
+which fails when an upgrade renames or reshapes any of it; the dependency
+range in ``pyproject.toml`` is pinned to the version that test ran against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import weakref
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import faust
+from aiokafka import AIOKafkaClient
+from faust.streams import _current_event
+from faust.transport.drivers import aiokafka as _aiokafka_driver
+
+__all__ = [
+    "App",
+    "Committer",
+    "FastConsumer",
+    "RawSchema",
+    "TableWriter",
+    "assignment",
+    "batch_offsets",
+    "commit_offsets",
+    "current_event",
+    "kafka_reachable",
+    "take_available",
+    "take_queued",
+]
+
+log = logging.getLogger("ohs.worker")
+
+_YIELD_EVERY = 1000
+"""Messages handed to the conductor between two yields to the event loop (Faust's own loop
+yields every 100; the conductor's handler awaits nothing unless a queue is full)."""
+
+
+class FastConsumer(_aiokafka_driver.Consumer):
+    """Faust's aiokafka consumer with a drain loop that does not race every message against
+    the rebalance flag: the flag is tested between messages, and only a message that arrives
+    while the flow is suspended takes Faust's original, racing path."""
+
+    async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - run by Faust in the worker
+        callback = self.callback
+        getmany = self.getmany
+        consumer_should_stop = self._stopped.is_set
+        fetcher_should_stop = fetcher._stopped.is_set
+        get_read_offset = self._read_offset.__getitem__
+        set_read_offset = self._read_offset.__setitem__
+        suspended = self.suspend_flow.is_set
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        sleep = asyncio.sleep
+        since_yield = 0
+        try:
+            while not (consumer_should_stop() or fetcher_should_stop()):
+                ait = getmany(timeout=1.0)
+                await self.sleep(0)
+                if self.should_stop:
+                    continue
+                async for tp, message in ait:
+                    since_yield += 1
+                    if since_yield > _YIELD_EVERY:
+                        await sleep(0)
+                        since_yield = 0
+                    offset = message.offset
+                    r_offset = get_read_offset(tp)
+                    if r_offset is not None and offset < r_offset:
+                        continue  # already read: Faust drops these too
+                    gap = offset - (r_offset or 0)
+                    if gap > 1 and r_offset and acks_enabled_for(message.topic):
+                        await self._add_gap(tp, r_offset + 1, offset)
+                    if suspended():
+                        # A rebalance is under way: Faust's own path, which gives up on the
+                        # message when the flow is suspended (it is fetched again after).
+                        await self.wait_first(callback(message), self.suspend_flow.wait())
+                    else:
+                        await callback(message)
+                    set_read_offset(tp, offset)
+        except self.consumer_stopped_errors:
+            if self.transport.app.should_stop:
+                return
+            raise
+        except asyncio.CancelledError:
+            if self.transport.app.should_stop:
+                return
+            raise
+
+
+class RawSchema(faust.Schema):  # type: ignore[type-arg]
+    """Keys and values as the bytes they came as: Faust's serializer registry (a codec lookup,
+    ``want_bytes`` and three calls per field) costs ~15 µs per record for what is an identity
+    with the ``raw`` serializer. Faust's public Schema extension points; the worker decodes
+    records itself (and dead-letters what it cannot)."""
+
+    def loads_key(self, app: Any, message: Any, *, loads: Any = None, serializer: Any = None) -> Any:
+        return message.key
+
+    def loads_value(self, app: Any, message: Any, *, loads: Any = None, serializer: Any = None) -> Any:
+        return message.value
+
+
+class _FastTransport(_aiokafka_driver.Transport):
+    Consumer = FastConsumer
+
+
+class App(faust.App):
+    """A Faust app whose consumer is :class:`FastConsumer` (same broker URL, same settings), and
+    which waits for the broker before its services start.
+
+    ``before_start`` (when set) is awaited in ``on_first_start``: mode starts a service's
+    dependencies (Faust's producer, consumer, tables) only after it, so the app can wait there for
+    Kafka. Without it a worker started while Kafka is down exits at once: aiokafka's producer
+    raises "Unable to bootstrap" from its start and Faust stops the worker."""
+
+    before_start: Callable[[], Awaitable[None]] | None = None
+
+    def _new_transport(self) -> Any:
+        return _FastTransport(self.conf.broker_consumer, self)
+
+    async def on_first_start(self) -> None:
+        if self.before_start is not None:
+            await self.before_start()
+        await super().on_first_start()
+
+
+async def kafka_reachable(bootstrap: str, timeout_s: float) -> None:
+    """One metadata round trip with aiokafka's own client, the one Faust's producer bootstraps
+    with; raises ``KafkaConnectionError`` when no broker answers."""
+    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    try:
+        await asyncio.wait_for(client.bootstrap(), timeout_s)
+    finally:
+        await client.close()
+
+
+async def take_available(stream: Any, max_events: int) -> list[Any]:
+    """The next batch of an agent's stream: wait for one event, then take every event already
+    queued, up to ``max_events``, without waiting for more.
+
+    So a caught-up worker writes each record as soon as it arrives, and batches grow only
+    when records arrive faster than they are written. Every event taken is registered as
+    unacknowledged with the consumer, as Faust's stream iterator does, so a rebalance waits
+    (``stream_wait_empty``) until the batch is acked or the worker gives it up.
+    """
+    queue = stream.channel.queue
+    add_unacked = stream.app.consumer.unacked.add
+    first = await queue.get()
+    batch = [first]
+    add_unacked(first.message)
+    get_nowait, empty = queue.get_nowait, queue.empty
+    while len(batch) < max_events and not empty():
+        event = get_nowait()
+        add_unacked(event.message)
+        batch.append(event)
+    return batch
+
+
+def take_queued(stream: Any, max_events: int) -> list[Any]:
+    """Every event already queued for ``stream``, up to ``max_events``, without waiting."""
+    queue = stream.channel.queue
+    add_unacked = stream.app.consumer.unacked.add
+    out: list[Any] = []
+    while len(out) < max_events and not queue.empty():
+        event = queue.get_nowait()
+        add_unacked(event.message)
+        out.append(event)
+    return out
+
+
+def current_event(event: Any | None) -> None:
+    """Point Faust's current-event context at ``event``: a table's RocksDB store files a set
+    value under the partition of the event being processed (and sends its changelog record
+    there), which Faust only tracks inside its own stream iterator."""
+    _current_event.set(None if event is None else weakref.ref(event))
+
+
+def assignment(app: Any) -> set[Any]:
+    """The topic partitions this worker owns now."""
+    return set(app.consumer.assignment())
+
+
+async def commit_offsets(app: Any, offsets: Mapping[Any, int]) -> bool:
+    """Commit ``offsets`` (TP -> next offset) now, after flushing the producer, so every
+    changelog record sent before is durable first. Faust discards partitions revoked
+    meanwhile; it commits what it is given, so offsets never move backwards only because the
+    ``Committer`` keeps the highest offset per partition.
+
+    Faust's own committer derives offsets from its list of acked messages and, after some
+    rebalances, stops advancing a partition for good (faust-streaming#318, robinhood/faust
+    #625, #681): the lag would never clear and the API's live stream, which waits for
+    commits, would stall. Committing the end of each durable batch avoids depending on it.
+    """
+    result: bool = await app.consumer._commit_offsets(dict(offsets))
+    return result
+
+
+def batch_offsets(events: Sequence[Any]) -> dict[Any, int]:
+    """Per partition, the offset after the last of ``events``."""
+    out: dict[Any, int] = {}
+    for e in events:
+        m = e.message
+        nxt = m.offset + 1
+        if nxt > out.get(m.tp, -1):
+            out[m.tp] = nxt
+    return out
+
+
+class Committer:
+    """Commits the end offsets of durable batches in the background, one commit at a time.
+
+    The batch loop hands each batch's offsets to ``request`` and goes on: the commit (which
+    first flushes the producer, so the batch's changelog records and dead letters are durable)
+    overlaps the next batch instead of adding two round trips to it. Offsets of batches that
+    pile up meanwhile are merged into the next commit. A failed commit is retried with the next
+    request or after a pause; it only delays the commit (reprocessing is harmless), so it is
+    logged, never raised: this task must not end the worker.
+    """
+
+    def __init__(self, app: Any, on_commit: Any = None, retry_s: float = 1.0) -> None:
+        self.app = app
+        self.on_commit = on_commit
+        self.retry_s = retry_s
+        self._offsets: dict[Any, int] = {}
+        self._deliveries: list[asyncio.Future[Any]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def request(self, offsets: Mapping[Any, int], deliveries: Sequence[asyncio.Future[Any]] = ()) -> None:
+        """Commit ``offsets`` once ``deliveries`` (the batch's changelog records) are acknowledged."""
+        for tp, offset in offsets.items():
+            if offset > self._offsets.get(tp, -1):
+                self._offsets[tp] = offset
+        self._deliveries.extend(deliveries)
+        self._wake.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            offsets, self._offsets = self._offsets, {}
+            deliveries, self._deliveries = self._deliveries, []
+            if not offsets:
+                continue
+            try:
+                for fut in deliveries:
+                    await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # A changelog record Kafka refused (after the producer's own retries, which last
+                # its request timeout): the offsets of its batch must never be committed, and the
+                # value is only in the local store. Stop: a restart redoes those batches.
+                log.critical("a changelog batch was not delivered (%r): stopping without committing", exc)
+                os._exit(75)
+            try:
+                await commit_offsets(self.app, offsets)
+                if self.on_commit is not None:
+                    self.on_commit()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("committing %d partitions failed, will retry: %r", len(offsets), exc)
+                for tp, offset in offsets.items():
+                    if offset > self._offsets.get(tp, -1):
+                        self._offsets[tp] = offset
+                await asyncio.sleep(self.retry_s)
+                self._wake.set()
+
+
+class TableWriter:
+    """Stores values of a Faust table as ``table[key] = value`` would, batched.
+
+    For each value: the table's store (RocksDB: the partition of the event that carried the
+    key), then the table's changelog topic (same key and value, same partition), sent as one
+    aiokafka batch per partition; once a batch is acknowledged, the store records its last
+    offset as persisted (what Faust's own changelog callback does, so a restart reads only
+    newer changelog records). ``write`` returns the delivery futures: the committer waits for
+    them before it commits the offsets of the records that produced the values.
+    """
+
+    def __init__(self, app: Any, table: Any) -> None:
+        self.app = app
+        self.table = table
+
+    def read(self, event: Any, key: bytes) -> bytes | None:
+        """The stored value of ``key`` (None if absent), from the store partition of ``event``:
+        one lookup, where ``table.get`` costs two (a containment test, then the read)."""
+        current_event(event)
+        try:
+            value: bytes = self.table.data[key]
+        except KeyError:
+            return None
+        finally:
+            current_event(None)
+        return value
+
+    async def write(self, items: Sequence[tuple[Any, bytes, bytes]]) -> list[asyncio.Future[Any]]:
+        """``items``: (event whose partition the key lives in, key, value)."""
+        store = self.table.data
+        by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
+        try:
+            for event, key, value in items:
+                current_event(event)
+                store[key] = value
+                by_partition.setdefault(event.message.partition, []).append((key, value))
+        finally:
+            current_event(None)
+        producer = self.app.producer._ensure_producer()
+        topic = self.table.changelog_topic.get_topic_name()
+        futures: list[asyncio.Future[Any]] = []
+        for partition, records in by_partition.items():
+            batch, count = producer.create_batch(), 0
+            for key, value in records:
+                if batch.append(key=key, value=value, timestamp=None) is None:
+                    futures.append(await self._send(producer, batch, topic, partition, count))
+                    batch, count = producer.create_batch(), 0
+                    batch.append(key=key, value=value, timestamp=None)
+                count += 1
+            futures.append(await self._send(producer, batch, topic, partition, count))
+        return futures
+
+    async def _send(self, producer: Any, batch: Any, topic: str, partition: int, count: int) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = await producer.send_batch(batch, topic, partition=partition)
+        store = self.table.data
+
+        def persisted(fut: asyncio.Future[Any]) -> None:
+            if fut.cancelled() or fut.exception() is not None:
+                return  # the committer sees the failure and does not commit past it
+            meta = fut.result()
+            store.set_persisted_offset(meta.topic_partition, meta.offset + count - 1)
+
+        future.add_done_callback(persisted)
+        return future

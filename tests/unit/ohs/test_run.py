@@ -1,0 +1,74 @@
+"""``ohs run``'s pieces that need no servers: the progress line, and children that die with their parent."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from ohs.run import _WorkerLag, progress_line
+
+
+def test_a_figure_that_cannot_be_read_is_na_never_zero() -> None:
+    line = progress_line(1.6, None, None, None)
+    assert line == "[   1.6s] engine seq       n/a  in Kafka       n/a  worker lag     n/a"
+    assert " 0" not in line
+    assert progress_line(12.0, 12_345, 0, 0) == "[  12.0s] engine seq    12,345  in Kafka         0  worker lag       0"
+    assert "n/a" in progress_line(3.0, 7, None, 0) and "7" in progress_line(3.0, 7, None, 0)
+
+
+def test_the_worker_lag_is_unknown_when_kafka_does_not_answer() -> None:
+    lag = _WorkerLag("127.0.0.1:1", "ohs-order-history", "orders.updates")
+    try:
+        assert lag() is None
+    finally:
+        lag.close()
+
+
+def _alive(pid: int) -> bool:
+    """Running, and not a zombie (an orphan is reaped by whoever adopts it, maybe nobody in a container)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_a_child_gets_sigterm_when_its_parent_is_killed_with_sigkill() -> None:
+    # The parent starts a child exactly as `ohs run` starts its children, prints its pid, and waits.
+    parent_code = textwrap.dedent(
+        """
+        import subprocess, sys, time
+        from ohs.run import _die_with_parent
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(120)"],
+            start_new_session=True, preexec_fn=_die_with_parent(),
+        )
+        print(child.pid, flush=True)
+        time.sleep(120)
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        time.sleep(0.3)
+        assert _alive(child), "the child must run while its parent does"
+        os.kill(parent.pid, signal.SIGKILL)  # no handler, no atexit, no finally can run
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child), "the child outlived its kill -9ed parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        assert parent.stdout is not None
+        parent.stdout.close()
