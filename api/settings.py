@@ -98,6 +98,12 @@ class ApiSettings(BaseSettings):
         ge=1,
         description="Days of user_updates a stream resuming from from_seq may replay; older events are not sent.",
     )
+    stream_hole_wait_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A stream resuming from from_seq holds stored updates back behind a missing user_seq (one "
+        "the worker is still writing) until it is filled, a later update is released live, or this long has passed.",
+    )
     stream_queue_size: int = Field(
         default=1000,
         ge=1,

@@ -156,6 +156,10 @@ class Store:
             f"SELECT epoch, seq, payload FROM {ks}.user_updates WHERE user_id = ? AND day = ? "
             "AND (epoch, seq) > (?, ?) LIMIT ?"
         )
+        self._updates_at_or_before = prep(
+            f"SELECT epoch, seq, payload FROM {ks}.user_updates WHERE user_id = ? AND day = ? "
+            "AND (epoch, seq) <= (?, ?) ORDER BY epoch DESC, seq DESC LIMIT 1"
+        )
 
     async def _rows(self, stmt: PreparedStatement, params: tuple[Any, ...]) -> list[Row]:
         # The one place driver errors become the API's: every caller sees StorageUnavailable.
@@ -246,3 +250,8 @@ class Store:
     async def user_updates_after(self, user_id: int, day: dt.date, after: Cursor, limit: int) -> list[Row]:
         """Up to ``limit`` of a user's updates of one day with (epoch, seq) > ``after``, ascending."""
         return await self._rows(self._updates_after, (user_id, day, *after, limit))
+
+    async def user_update_at_or_before(self, user_id: int, day: dt.date, at: Cursor) -> Row | None:
+        """The newest of a user's updates of one day with (epoch, seq) <= ``at`` (epoch, seq, payload), or None."""
+        rows = await self._rows(self._updates_at_or_before, (user_id, day, *at))
+        return rows[0] if rows else None

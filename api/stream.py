@@ -17,9 +17,11 @@ misses nothing:
 
 1. the subscriber is registered with the live tail first, buffering;
 2. the user's ``user_updates`` partitions are walked back from today (UTC)
-   until one starts at or before the cursor, or the lookback ends, and every
-   stored event after the cursor is sent, oldest first;
-3. then the buffered and live events after the last one sent.
+   until one starts at or before the cursor, or the lookback ends, and the
+   stored events after the cursor are sent, oldest first, up to the first
+   hole in the user's ``user_seq`` (``OrderStream`` says why);
+3. then the buffered and live events after the last one sent (and what lay
+   past a hole, once it is known to be final).
 
 ``api.live`` explains why an event is either in step 2 or in step 3.
 
@@ -35,7 +37,8 @@ import contextlib
 import datetime as dt
 import json
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +56,7 @@ from schemas.events import OrderUpdate
 from schemas.symbols import SymbolSpec
 from schemas.tables import month_of
 
-__all__ = ["replay", "replay_fills", "resume_point", "stream_endpoint"]
+__all__ = ["OrderStream", "replay_fills", "resume_point", "stream_endpoint"]
 
 log = logging.getLogger("ohs.api")
 
@@ -64,6 +67,8 @@ CLOSE_INTERNAL = 1011
 CLOSE_TRY_AGAIN = 1013
 _REPLAY_PAGE = 500
 _READY_TIMEOUT_S = 10.0
+_HOLE_RECHECK_S = 0.5
+"""While a hole holds the backfill back and nothing live arrives: how often the store is read again."""
 _CLOSE_TIMEOUT_S = 5.0
 _KINDS = {"orders": frozenset({ORDERS}), "fills": frozenset({FILLS}), "both": frozenset({ORDERS, FILLS})}
 
@@ -103,25 +108,6 @@ async def resume_point(
     return (epoch if epoch is not None else 0, from_seq), walked[::-1]
 
 
-async def replay(store: Store, user_id: int, cursor: Cursor, days: list[dt.date]) -> AsyncIterator[LiveEvent]:
-    """The user's stored events after ``cursor`` on ``days`` (oldest first), in (epoch, seq) order."""
-    for day in days:
-        after = cursor
-        while True:
-            rows = await store.user_updates_after(user_id, day, after, _REPLAY_PAGE)
-            for row in rows:
-                try:
-                    ev = decode(row["payload"])
-                except CodecError as exc:  # the worker stores only what it decoded: not expected
-                    log.error("user:%d: undecodable stored event %s: %s", user_id, row["seq"], exc.reason)
-                    continue
-                if isinstance(ev, OrderUpdate):
-                    yield LiveEvent.of(ev)
-            if len(rows) < _REPLAY_PAGE:
-                break
-            after = (rows[-1]["epoch"], rows[-1]["seq"])
-
-
 async def replay_fills(
     store: Store, user_id: int, cursor: Cursor, since_ns: int, specs: dict[str, SymbolSpec]
 ) -> AsyncIterator[LiveEvent]:
@@ -150,6 +136,142 @@ async def replay_fills(
         yield LiveEvent.fills(user_id, *at, group)
 
 
+Send = Callable[[LiveEvent], Awaitable[None]]
+
+
+class OrderStream:
+    """The order-updates half of one stream: the stored updates after the cursor, then the live ones,
+    each once, in (epoch, seq) order, with no gap.
+
+    Why a hole stops the backfill. The worker writes a batch as several concurrent requests and
+    commits its offsets once all of them are durable, so for a moment Cassandra can hold a user's
+    later update while an earlier one of the same batch is still on its way. Sending that later
+    update would skip the earlier one for good: it is released by the live tail after this
+    subscriber registered, and dropped as older than what was sent. ``user_seq`` counts a user's
+    updates gaplessly within an epoch, so the backfill sends a stored update only when the one
+    before it was sent (or is the cursor's), and stops at the first hole. What lies past it is sent
+    when it is known to be final:
+
+    * a live update arrives: the tail released it, so the worker committed everything before it in
+      its partition, which holds all of the user's updates: every stored update before it is final,
+      and a hole still there is permanent (a dead-lettered update). They are sent first, then it;
+    * the user is idle: the store is read again every ``_HOLE_RECHECK_S``; a filled hole lets the
+      backfill go on, and one still open after ``hole_wait_s`` is taken as permanent (logged).
+
+    Updates without a ``user_seq`` (written before the field) and a cursor with no stored update at
+    or before it give no base to check against: the next update is taken as it is."""
+
+    def __init__(
+        self,
+        store: Store,
+        user_id: int,
+        cursor: Cursor,
+        first_day: dt.date,
+        hole_wait_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store, self.user_id, self.hole_wait_s, self.clock = store, user_id, hole_wait_s, clock
+        self.last: Cursor = cursor
+        """Position of the last update sent, or the cursor."""
+        self.day = first_day
+        """The oldest day partition that may still hold an update after ``last``."""
+        self.base: tuple[int, int] | None = None
+        """(epoch, user_seq) of the update at ``last``, when known."""
+        self.hole: tuple[int, int] | None = None
+        """The base at which a hole stopped the backfill, while it does."""
+        self._hole_since = 0.0
+
+    @property
+    def held(self) -> bool:
+        return self.hole is not None
+
+    async def start(self, send: Send) -> None:
+        """The backfill: find the base, then send what is stored after the cursor, up to a hole."""
+        row = await self.store.user_update_at_or_before(self.user_id, self.day, self.last)
+        ev = _decode_row(self.user_id, row) if row is not None else None
+        if ev is not None and ev.user_seq:
+            self.base = (ev.epoch, ev.user_seq)
+        await self._stored(send, until=None, final=False)
+
+    async def live(self, ev: LiveEvent, send: Send) -> None:
+        """A live update, released by the tail (the queue hands them over in order)."""
+        if ev.position <= self.last:
+            return  # Kafka may hold a re-sent event twice, and the backfill may have sent it
+        if self.hole is not None:
+            await self._stored(send, until=ev.position, final=True)
+            self.hole = None
+        await send(ev)
+        self._sent(ev.epoch, ev.seq, int(ev.data.get("user_seq") or 0))
+
+    async def idle(self, send: Send) -> None:
+        """Nothing live came for a while: read the store again past a hole (see the class)."""
+        if self.hole is None:
+            return
+        final = self.clock() - self._hole_since >= self.hole_wait_s
+        if final:
+            epoch, n = self.hole
+            log.warning(
+                "stream user:%d: user_seq %d of epoch %d still missing after %.0f s: sending what follows it "
+                "(a dead-lettered update?)",
+                self.user_id,
+                n + 1,
+                epoch,
+                self.hole_wait_s,
+            )
+            self.hole = None
+        await self._stored(send, until=None, final=final)
+
+    async def _stored(self, send: Send, until: Cursor | None, final: bool) -> None:
+        """Send the stored updates after ``last`` (before ``until``, if given), stopping at a hole
+        unless ``final``. Days run from ``day`` to tomorrow (an engine clock slightly ahead of ours
+        files updates there)."""
+        last_day = dt.datetime.now(dt.UTC).date() + dt.timedelta(days=1)
+        while True:
+            after = self.last
+            while True:
+                rows = await self.store.user_updates_after(self.user_id, self.day, after, _REPLAY_PAGE)
+                for row in rows:
+                    after = (row["epoch"], row["seq"])
+                    if until is not None and after >= until:
+                        return
+                    ev = _decode_row(self.user_id, row)
+                    if ev is None:
+                        continue
+                    if not final and self._hole_before(ev):
+                        if self.hole != self.base:
+                            self.hole, self._hole_since = self.base, self.clock()
+                        return
+                    await send(LiveEvent.of(ev))
+                    self._sent(ev.epoch, ev.seq, ev.user_seq)
+                if len(rows) < _REPLAY_PAGE:
+                    break
+            if self.day >= last_day:
+                self.hole = None
+                return
+            self.day += dt.timedelta(days=1)
+
+    def _hole_before(self, ev: OrderUpdate) -> bool:
+        if not ev.user_seq or self.base is None:
+            return False
+        epoch, n = self.base
+        if ev.epoch == epoch:
+            return ev.user_seq != n + 1
+        return ev.epoch > epoch and ev.user_seq != 1
+
+    def _sent(self, epoch: int, seq: int, user_seq: int) -> None:
+        self.last = (epoch, seq)
+        self.base = (epoch, user_seq) if user_seq else None
+
+
+def _decode_row(user_id: int, row: dict[str, Any]) -> OrderUpdate | None:
+    try:
+        ev = decode(row["payload"])
+    except CodecError as exc:  # the worker stores only what it decoded: not expected
+        log.error("user:%d: undecodable stored event %s: %s", user_id, row["seq"], exc.reason)
+        return None
+    return ev if isinstance(ev, OrderUpdate) else None
+
+
 async def _send(ws: WebSocket, ev: LiveEvent) -> None:
     await ws.send_text(json.dumps(ev.data, separators=(",", ":")))
 
@@ -165,12 +287,15 @@ class _Resume:
 async def _pump(ws: WebSocket, sub: Subscriber, store: Store, s: ApiSettings, r: _Resume) -> None:
     last: dict[str, Cursor | None] = {ORDERS: None, FILLS: None}
     today = dt.datetime.now(dt.UTC).date()
+
+    async def send(ev: LiveEvent) -> None:
+        await _send(ws, ev)
+
+    orders: OrderStream | None = None
     if ORDERS in sub.kinds and r.from_seq is not None:
         cursor, days = await resume_point(store, sub.user_id, r.from_seq, r.from_epoch, s.stream_lookback_days, today)
-        last[ORDERS] = cursor
-        async for ev in replay(store, sub.user_id, cursor, days):
-            await _send(ws, ev)
-            last[ORDERS] = ev.position
+        orders = OrderStream(store, sub.user_id, cursor, days[0], s.stream_hole_wait_s)
+        await orders.start(send)
     if FILLS in sub.kinds and r.fills_from_seq is not None:
         # The user's order updates locate the cursor in time (every fill comes with updates of its order,
         # at the same engine time): its fills are on or after the first day walked.
@@ -183,7 +308,17 @@ async def _pump(ws: WebSocket, sub: Subscriber, store: Store, s: ApiSettings, r:
             await _send(ws, ev)
             last[FILLS] = ev.position
     while True:
-        ev = await sub.queue.get()
+        if orders is not None and orders.held:
+            try:
+                ev = await asyncio.wait_for(sub.queue.get(), _HOLE_RECHECK_S)
+            except TimeoutError:
+                await orders.idle(send)
+                continue
+        else:
+            ev = await sub.queue.get()
+        if orders is not None and ev.kind == ORDERS:
+            await orders.live(ev, send)
+            continue
         # Kafka may hold a re-sent event twice, and the backfill may have sent what is buffered.
         seen = last[ev.kind]
         if seen is not None and ev.position <= seen:
