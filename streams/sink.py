@@ -166,26 +166,34 @@ def plan_requests(
     ``max_statements`` of them and at most ``max_bytes`` (one oversized statement goes alone).
 
     ``stmts`` have ``.group`` (their partition) and ``.size``; ``replicas_of(stmt)`` names the
-    replica set of a statement's partition and is called once per partition. Order within a
-    replica set is kept (it does not matter for correctness: every write is timestamped).
+    replica set of a statement's partition and is called once per partition. A partition's
+    statements stay together in one request unless they alone exceed the bounds: Cassandra applies
+    one request's mutations of a partition atomically, so a reader of that partition (the API's
+    stream backfill, a page of a user's fills) never sees a later row of the batch without the
+    earlier ones, which concurrent requests would otherwise allow. Order within a partition is kept.
     """
     by_group: dict[Hashable, Hashable] = {}
-    sets: dict[Hashable, list[Any]] = {}
+    sets: dict[Hashable, dict[Hashable, list[Any]]] = {}
     for st in stmts:
         owner = by_group.get(st.group)
         if owner is None:
             owner = by_group[st.group] = replicas_of(st)
-        sets.setdefault(owner, []).append(st)
+        sets.setdefault(owner, {}).setdefault(st.group, []).append(st)
     requests: list[list[Any]] = []
-    for members in sets.values():
+    for partitions in sets.values():
         current: list[Any] = []
         size = 0
-        for st in members:
-            if current and (len(current) >= max_statements or size + st.size > max_bytes):
+        for members in partitions.values():
+            whole = sum(st.size for st in members)
+            if current and (len(current) + len(members) > max_statements or size + whole > max_bytes):
                 requests.append(current)
                 current, size = [], 0
-            current.append(st)
-            size += st.size
+            for st in members:  # only a partition bigger than a request is cut
+                if current and (len(current) >= max_statements or size + st.size > max_bytes):
+                    requests.append(current)
+                    current, size = [], 0
+                current.append(st)
+                size += st.size
         if current:
             requests.append(current)
     return requests

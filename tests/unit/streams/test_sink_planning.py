@@ -102,3 +102,23 @@ def test_an_oversized_statement_goes_alone():
     stmts = [S("a", 10), S("a", 10_000), S("a", 10)]
     requests = plan_requests(stmts, lambda s: (), max_statements=100, max_bytes=1000)
     assert [len(r) for r in requests] == [1, 1, 1]
+
+
+def test_a_partition_stays_in_one_request_unless_it_alone_exceeds_the_bounds():
+    """One request's mutations of a partition are applied atomically: a reader of a user's partition
+    never sees a later row of a batch without the earlier ones (concurrent requests would allow it)."""
+    # Interleaved as a batch of several users' events arrives: u1 u2 u3 u1 u2 u3 ...
+    stmts = [S(("u", u), size=100, name=f"{u}:{i}") for i in range(6) for u in range(1, 8)]
+    stmts += [S(("big", 0), size=100, name=f"big:{i}") for i in range(25)]  # 2,500 bytes: more than a request
+    requests = plan_requests(stmts, lambda s: (), max_statements=20, max_bytes=1000)
+    where: dict[Any, set[int]] = {}
+    for n, r in enumerate(requests):
+        for s in r:
+            where.setdefault(s.group, set()).add(n)
+        assert len(r) <= 20 and sum(s.size for s in r) <= 1000
+    assert all(len(where[("u", u)]) == 1 for u in range(1, 8))
+    assert len(where[("big", 0)]) == 3  # cut only because it cannot fit, in order
+    big = [s.name for r in requests for s in r if s.group == ("big", 0)]
+    assert big == [f"big:{i}" for i in range(25)]
+    for u in range(1, 8):  # a partition's statements keep their order
+        assert [s.name for r in requests for s in r if s.group == ("u", u)] == [f"{u}:{i}" for i in range(6)]
