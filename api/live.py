@@ -280,6 +280,7 @@ class Tail:
         s = self.s
         common = {
             "bootstrap.servers": s.kafka_bootstrap,
+            **s.kafka_auth.librdkafka(),
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "enable.partition.eof": False,

@@ -6,14 +6,15 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
+from kit.auth import CqlClientSettings, KafkaClientSettings
 from schemas.symbols import DEFAULT_SYMBOLS, SymbolSpec, parse_symbols
 
 __all__ = ["ApiSettings"]
 
 
-class ApiSettings(BaseSettings):
+class ApiSettings(KafkaClientSettings, CqlClientSettings):
     model_config = SettingsConfigDict(env_prefix="OHS_API_", frozen=True, extra="ignore")
 
     kafka_bootstrap: str = Field(

@@ -15,12 +15,11 @@ from typing import Any
 
 from cassandra import ConsistencyLevel
 from cassandra.cluster import Cluster, ExecutionProfile, ResponseFuture, Session
-from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from cassandra.query import PreparedStatement, dict_factory
 
 from api.errors import StorageUnavailable
 from api.settings import ApiSettings
-from kit.cql import DRIVER_ERRORS, make_cluster
+from kit.cql import DRIVER_ERRORS, load_balancing, make_cluster
 
 __all__ = ["FILL_COLUMNS", "HISTORY_COLUMNS", "MAX_BIGINT", "ORDER_COLUMNS", "Cursor", "Store", "connect"]
 
@@ -49,12 +48,12 @@ TABLES = ("order_history", "active_orders")
 def connect(s: ApiSettings) -> tuple[Cluster, Session]:
     profile = ExecutionProfile(
         # Token-aware: every read here is a single-partition read, so it can go straight to a replica.
-        load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy()),
+        load_balancing_policy=load_balancing(s.cql_local_dc),
         consistency_level=ConsistencyLevel.name_to_value[s.cql_consistency],
         request_timeout=s.cql_request_timeout_s,
         row_factory=dict_factory,
     )
-    cluster = make_cluster(s.hosts, s.cql_port, profile)
+    cluster = make_cluster(s.hosts, s.cql_port, profile, auth=s.cql_auth)
     try:
         return cluster, cluster.connect()
     except Exception:

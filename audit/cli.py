@@ -128,7 +128,12 @@ def audit(
                 from audit.kafka import check_kafka  # the Kafka client only when it is used
 
                 kafka["topics"] = check_kafka(
-                    truth, f, bs.kafka_bootstrap, topics, schema_registry_url or bs.schema_registry_url
+                    truth,
+                    f,
+                    bs.kafka_bootstrap,
+                    topics,
+                    schema_registry_url or bs.schema_registry_url,
+                    bs.kafka_auth.librdkafka(),
                 )
                 timing["kafka_s"] = time.monotonic() - t0 - sum(timing.values())
                 roles = [f"kafka.{role}" for role in topics]

@@ -173,7 +173,12 @@ class KafkaLedger:
 
 
 def read_topics(
-    bootstrap: str, topics: dict[str, str], ledger: KafkaLedger, batch: int = 10_000, idle_s: float = 30.0
+    bootstrap: str,
+    topics: dict[str, str],
+    ledger: KafkaLedger,
+    batch: int = 10_000,
+    idle_s: float = 30.0,
+    config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Feed every record of ``topics`` (role -> name), up to the end offsets taken now, to ``ledger``."""
     consumer = Consumer(
@@ -184,6 +189,7 @@ def read_topics(
             "enable.partition.eof": True,
             "auto.offset.reset": "earliest",
             "max.partition.fetch.bytes": 8 * 1024 * 1024,
+            **(config or {}),
         }
     )
     try:
@@ -252,12 +258,17 @@ def _read(consumer: Consumer, topics: dict[str, str], ledger: KafkaLedger, batch
 
 
 def check_kafka(
-    truth: Truth, findings: Findings, bootstrap: str, topics: dict[str, str], registry_url: str | None
+    truth: Truth,
+    findings: Findings,
+    bootstrap: str,
+    topics: dict[str, str],
+    registry_url: str | None,
+    config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Read ``topics`` (role -> name) into ``findings``; returns the partitions and offsets read."""
     registry = Registry(registry_url) if registry_url else None
     try:
-        return read_topics(bootstrap, topics, KafkaLedger(truth, findings, registry))
+        return read_topics(bootstrap, topics, KafkaLedger(truth, findings, registry), config=config)
     finally:
         if registry is not None:
             registry.close()

@@ -55,21 +55,27 @@ def _retriable(exc: KafkaException) -> bool:
     return not isinstance(err, KafkaError) or err.code() not in _PERMANENT
 
 
+def client_config(s: BridgeSettings) -> dict[str, Any]:
+    """What every Kafka client of the bridge starts from: the brokers and this process's credentials."""
+    return {"bootstrap.servers": s.kafka_bootstrap, **s.kafka_auth.librdkafka()}
+
+
 def ensure_topics(s: BridgeSettings) -> None:
-    """Create the bridge's topics with the configured partitions/retention if missing."""
-    admin = AdminClient({"bootstrap.servers": s.kafka_bootstrap})
+    """Create the bridge's topics with the configured partitions/retention/replicas if missing."""
+    admin = AdminClient(client_config(s))
     timeout = s.kafka_timeout_ms / 1000.0
     try:
         existing = set(admin.list_topics(timeout=timeout).topics)
     except KafkaException as exc:
         raise BridgeUnavailable(f"cannot reach Kafka at {s.kafka_bootstrap}: {exc}") from exc
     retention = {"retention.ms": str(s.retention_ms)}
+    rf = s.replication_factor
     wanted = [
-        NewTopic(s.topic_updates, s.partitions, 1, config=retention),
-        NewTopic(s.topic_trades, s.partitions, 1, config=retention),
-        NewTopic(s.topic_balances, s.partitions, 1, config=retention),
-        NewTopic(s.topic_dlq, 1, 1, config=retention),
-        NewTopic(s.topic_checkpoint, 1, 1, config={"cleanup.policy": "compact"}),
+        NewTopic(s.topic_updates, s.partitions, rf, config=retention),
+        NewTopic(s.topic_trades, s.partitions, rf, config=retention),
+        NewTopic(s.topic_balances, s.partitions, rf, config=retention),
+        NewTopic(s.topic_dlq, 1, rf, config=retention),
+        NewTopic(s.topic_checkpoint, 1, rf, config={"cleanup.policy": "compact"}),
     ]
     missing = [t for t in wanted if t.topic not in existing]
     if not missing:
@@ -89,7 +95,7 @@ def ensure_topics(s: BridgeSettings) -> None:
 def make_producer(s: BridgeSettings, on_error: Callable[[KafkaError], None]) -> Producer:
     return Producer(
         {
-            "bootstrap.servers": s.kafka_bootstrap,
+            **client_config(s),
             "enable.idempotence": True,
             "acks": "all",
             "message.timeout.ms": 0,
@@ -120,7 +126,7 @@ def read_checkpoint(s: BridgeSettings) -> Checkpoint | None:
     try:
         consumer = Consumer(
             {
-                "bootstrap.servers": s.kafka_bootstrap,
+                **client_config(s),
                 "group.id": f"{s.bridge_id}-checkpoint-reader",
                 "enable.auto.commit": False,
                 "enable.partition.eof": True,

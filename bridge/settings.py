@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from kit.auth import KafkaClientSettings
 
 __all__ = ["BridgeSettings"]
 
 
-class BridgeSettings(BaseSettings):
+class BridgeSettings(KafkaClientSettings):
     model_config = SettingsConfigDict(env_prefix="OHS_BRIDGE_", frozen=True, extra="ignore")
 
     log_format: Literal["text", "json"] = Field(
@@ -49,6 +51,11 @@ class BridgeSettings(BaseSettings):
         description="Confluent-compatible schema registry: register the schemas, write its wire format.",
     )
     partitions: int = Field(default=6, description="Partitions of the event topics when the bridge creates them.")
+    replication_factor: int = Field(
+        default=1,
+        ge=1,
+        description="Replicas of every topic the bridge creates (events, dead letters, checkpoint): 3 in production.",
+    )
     retention_ms: int = Field(default=7 * 24 * 3600 * 1000, description="Retention of the event topics it creates.")
     max_message_bytes: int = Field(
         default=1_000_000,

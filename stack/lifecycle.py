@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from stack.errors import StackError
 from stack.fetch import ensure_dist
-from stack.health import cassandra_ready, kafka_ready, registry_ready
+from stack.health import cassandra_ready, kafka_ready, provision_roles, registry_ready
 from stack.process import ManagedProcess, port_in_use, tail
 from stack.servers import ServerSpec, cassandra_spec, kafka_spec, registry_spec
 from stack.settings import StackSettings
@@ -105,6 +105,8 @@ def up(s: StackSettings, log: Log = print) -> dict[str, float]:
                     f"Console ({proc.log_file}):\n{tail(proc.log_file, 15)}"
                 )
             err = _check(s, name)
+            if err is None and name == "cassandra" and s.auth:
+                provision_roles(s)
             if err is None:
                 timings[f"{name}_ready_s"] = time.monotonic() - start
                 log(f"{name}: ready at {_endpoint(s, name)} after {timings[f'{name}_ready_s']:.1f}s")

@@ -36,6 +36,7 @@ def kafka_spec(s: StackSettings, lib: Path) -> ServerSpec:
     for d in (home, data, home / "logs"):
         d.mkdir(parents=True, exist_ok=True)
     props = home / "server.properties"
+    client = "SASL_PLAINTEXT" if s.auth else "PLAINTEXT"
     props.write_text(
         "\n".join(
             [
@@ -43,11 +44,12 @@ def kafka_spec(s: StackSettings, lib: Path) -> ServerSpec:
                 "process.roles=broker,controller",
                 "node.id=1",
                 f"controller.quorum.voters=1@{s.host}:{s.kafka_controller_port}",
-                f"listeners=PLAINTEXT://{s.host}:{s.kafka_port},CONTROLLER://{s.host}:{s.kafka_controller_port}",
-                f"advertised.listeners=PLAINTEXT://{s.host}:{s.kafka_port}",
+                f"listeners={client}://{s.host}:{s.kafka_port},CONTROLLER://{s.host}:{s.kafka_controller_port}",
+                f"advertised.listeners={client}://{s.host}:{s.kafka_port}",
                 "controller.listener.names=CONTROLLER",
-                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-                "inter.broker.listener.name=PLAINTEXT",
+                f"listener.security.protocol.map={client}:{client},CONTROLLER:PLAINTEXT",
+                f"inter.broker.listener.name={client}",
+                *_kafka_sasl(s),
                 f"log.dirs={data}",
                 f"num.partitions={s.kafka_partitions}",
                 # Single node: every internal topic has exactly one replica.
@@ -109,6 +111,25 @@ def kafka_spec(s: StackSettings, lib: Path) -> ServerSpec:
         str(props),
     ]
     return ServerSpec("kafka", home, argv, [s.kafka_port, s.kafka_controller_port], home / "logs" / "server.log")
+
+
+def _kafka_sasl(s: StackSettings) -> list[str]:
+    """With auth: SASL/PLAIN on the client listener, with the configured users (the controller
+    listener stays on loopback without SASL: only the broker inside this same process uses it).
+    Every authenticated principal may do anything: no authorizer here; the ACLs production uses
+    are in docs/operations.md and docker-compose.yml."""
+    if not s.auth:
+        return []
+    admin = s.kafka_admin_password.get_secret_value()
+    users = " ".join(f'user_{n}="{p}"' for n, p in {"admin": admin, **s.users}.items())
+    jaas = (
+        f'org.apache.kafka.common.security.plain.PlainLoginModule required username="admin" password="{admin}" {users};'
+    )
+    return [
+        "sasl.enabled.mechanisms=PLAIN",
+        "sasl.mechanism.inter.broker.protocol=PLAIN",
+        f"listener.name.sasl_plaintext.plain.sasl.jaas.config={jaas}",
+    ]
 
 
 def _format_kafka_storage(s: StackSettings, classpath: str, props: Path, log4j: Path) -> None:
@@ -224,7 +245,7 @@ batch_size_fail_threshold: 1MiB
 unlogged_batch_across_partitions_warn_threshold: 100000
 # Tests drop many throw-away keyspaces: no snapshot of each on DROP/TRUNCATE.
 auto_snapshot: false
-""",
+{_cassandra_auth(s)}""",
     )
     logback = home / "logback.xml"
     logback.write_text(
@@ -264,12 +285,25 @@ auto_snapshot: false
         # One node, never joining others: skip the ring-settle wait at startup.
         "-Dcassandra.skip_wait_for_gossip_to_settle=0",
         "-Dcassandra.ring_delay_ms=0",
+        # With auth: the default superuser exists at once, not 10 s after the node is up.
+        "-Dcassandra.superuser_setup_delay_ms=0",
         "-cp",
         str(lib) + "/*",
         "org.apache.cassandra.service.CassandraDaemon",
     ]
     ports = [s.cql_port, s.cassandra_storage_port, s.cassandra_jmx_port]
     return ServerSpec("cassandra", home, argv, ports, dirs["logs"] / "system.log")
+
+
+def _cassandra_auth(s: StackSettings) -> str:
+    if not s.auth:
+        return ""
+    return (
+        "# Rehearsal of production credentials (OHS_AUTH): logins and per-role permissions.\n"
+        "authenticator: PasswordAuthenticator\n"
+        "authorizer: CassandraAuthorizer\n"
+        "role_manager: CassandraRoleManager\n"
+    )
 
 
 def registry_spec(s: StackSettings, app: Path) -> ServerSpec:

@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["StackSettings"]
@@ -78,8 +78,47 @@ class StackSettings(BaseSettings):
         default_factory=_default_registry_java, description="java executable for the registry (Java 21+)."
     )
     kafka_partitions: int = Field(default=6, description="Broker default partition count.")
+    auth: bool = Field(
+        default=False,
+        description="Rehearse production credentials: Kafka's client listener takes SASL/PLAIN only "
+        "(SASL_PLAINTEXT) and Cassandra requires a password (PasswordAuthenticator, CassandraAuthorizer).",
+    )
+    auth_users: SecretStr = Field(
+        default=SecretStr("bridge:bridge-secret,worker:worker-secret,api:api-secret,ops:ops-secret"),
+        description="With auth: the principals as user:password pairs, each a Kafka SASL user and a Cassandra "
+        "role (grants: docs/operations.md). The servers' own: Kafka admin, Cassandra's cassandra superuser.",
+    )
+    kafka_admin_password: SecretStr = Field(
+        default=SecretStr("admin-secret"), description="With auth: password of Kafka's admin user (inter-broker)."
+    )
+    cassandra_superuser_password: SecretStr = Field(
+        default=SecretStr("cassandra"),
+        description="With auth: password of Cassandra's superuser `cassandra` (the server creates it so).",
+    )
     start_timeout_s: float = Field(default=180.0, description="How long `up` waits for each server.")
     stop_timeout_s: float = Field(default=90.0, description="How long `down` waits before SIGKILL.")
+
+    @property
+    def users(self) -> dict[str, str]:
+        """With auth: each principal's password, by name."""
+        out = {}
+        for pair in self.auth_users.get_secret_value().split(","):
+            name, sep, password = pair.strip().partition(":")
+            if not sep or not name or not password:
+                raise ValueError(f"OHS_AUTH_USERS: {pair.strip()!r} is not user:password")
+            out[name] = password
+        return out
+
+    def kafka_admin_config(self) -> dict[str, str]:
+        """librdkafka options of the stack's own Kafka clients (readiness, smoke, tests' admin)."""
+        if not self.auth:
+            return {}
+        return {
+            "security.protocol": "SASL_PLAINTEXT",
+            "sasl.mechanism": "PLAIN",
+            "sasl.username": "admin",
+            "sasl.password": self.kafka_admin_password.get_secret_value(),
+        }
 
     @property
     def kafka_bootstrap(self) -> str:

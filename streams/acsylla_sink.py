@@ -116,6 +116,8 @@ class AcsyllaSink(RowBuilder):
                 exponential_reconnect_base_delay_ms=500,
                 exponential_reconnect_max_delay_ms=10_000,
                 token_aware_routing=True,
+                load_balance_dc_aware=s.cql_local_dc,
+                **s.cql_auth.acsylla(),
                 log_level="warn",  # to logging.getLogger("acsylla")
             )
             session = await asyncio.wait_for(acluster.create_session(), 30)

@@ -26,6 +26,7 @@ import os
 import time
 from array import array
 from collections import deque
+from functools import partial
 from typing import Any, cast
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -53,6 +54,8 @@ for _name in ("aiokafka", "faust.topics"):
     logging.getLogger(_name).setLevel(logging.INFO)
 
 settings = WorkerSettings()
+_KAFKA = settings.kafka_auth.librdkafka()
+"""This worker's credentials, for its confluent-kafka clients (seq guard, lag gauges)."""
 
 app = fa.App(
     settings.group,
@@ -69,7 +72,9 @@ app = fa.App(
     web_graph_enabled=False,
     web_stats_enabled=False,
     topic_partitions=settings.partitions,
-    topic_replication_factor=1,
+    # The tables' changelogs and the dead-letter topic, when Faust creates them.
+    topic_replication_factor=settings.topic_replication_factor,
+    broker_credentials=fa.broker_credentials(settings.kafka_auth),
     consumer_auto_offset_reset="earliest",
     # Changelog records of one batch (one per user) travel in a few produce requests, not one
     # each; the committer's flush sends whatever lingers at once.
@@ -85,7 +90,7 @@ async def _wait_for_kafka() -> None:
     async for attempt in retrying(0.5, settings.retry_max_s, retry=any_error):
         with attempt:
             try:
-                await fa.kafka_reachable(settings.kafka_bootstrap, timeout_s=10.0)
+                await fa.kafka_reachable(settings.kafka_bootstrap, timeout_s=10.0, auth=settings.kafka_auth)
             except Exception as exc:
                 log.warning(
                     "Kafka unavailable at %s (attempt %d): %s",
@@ -204,7 +209,7 @@ async def start_sink() -> None:
                 log.warning("cannot open Cassandra yet (attempt %d): %s", attempt.retry_state.attempt_number, exc)
                 raise
     guard = (
-        CheckpointReader(settings.kafka_bootstrap, settings.topic_checkpoint, settings.bridge_id)
+        CheckpointReader(settings.kafka_bootstrap, settings.topic_checkpoint, settings.bridge_id, kafka=_KAFKA)
         if settings.seq_guard
         else None
     )
@@ -364,7 +369,7 @@ async def export_lag() -> None:
     loop = asyncio.get_running_loop()
     try:
         rows = await loop.run_in_executor(
-            None, group_lag, settings.kafka_bootstrap, settings.group, [settings.topic_updates]
+            None, partial(group_lag, settings.kafka_bootstrap, settings.group, [settings.topic_updates], config=_KAFKA)
         )
     except Exception as exc:  # a broker outage, a timeout: the gauges keep their last values
         log.warning("consumer lag not refreshed: %s", exc)
@@ -443,7 +448,9 @@ if trades_settings.trades:
             retry_max_s=settings.retry_max_s,
             registry=orders.registry,
             # A reader of its own: the two agents refresh their ceilings independently.
-            guard=CheckpointReader(settings.kafka_bootstrap, settings.topic_checkpoint, settings.bridge_id)
+            guard=CheckpointReader(
+                settings.kafka_bootstrap, settings.topic_checkpoint, settings.bridge_id, kafka=_KAFKA
+            )
             if settings.seq_guard
             else None,
             on_retry=W.retries.inc,

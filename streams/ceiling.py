@@ -68,10 +68,18 @@ class Ceilings:
 
 
 class CheckpointReader(SeqGuard):
-    def __init__(self, bootstrap: str, topic: str, bridge_id: str, *, timeout_s: float = 10.0, **kafka: Any) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        bridge_id: str,
+        *,
+        timeout_s: float = 10.0,
+        kafka: dict[str, Any] | None = None,
+    ) -> None:
         self.bootstrap, self.topic, self.key = bootstrap, topic, bridge_id.encode()
         self.timeout_s = timeout_s
-        self.kafka = kafka
+        self.kafka = kafka or {}
         self.ceilings = Ceilings()
         self._consumer: Any = None
         self._next_offset = 0

@@ -12,7 +12,7 @@ import json
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import click
@@ -30,6 +30,8 @@ class _Env:
     topic: str
     registry_url: str | None
     timeout_s: float
+    kafka: dict[str, Any] = field(default_factory=dict)
+    """This process's Kafka credentials (librdkafka options)."""
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -68,7 +70,13 @@ def dlq(ctx: click.Context, bootstrap: str | None, topic: str | None, timeout_s:
     except ValidationError as exc:
         err = exc.errors()[0]
         _fail(f"bad environment: {'.'.join(map(str, err['loc']))}: {err['msg']}", EXIT_USAGE)
-    ctx.obj = _Env(bootstrap or s.kafka_bootstrap, topic or s.topic_dlq, s.schema_registry_url, timeout_s)
+    ctx.obj = _Env(
+        bootstrap or s.kafka_bootstrap,
+        topic or s.topic_dlq,
+        s.schema_registry_url,
+        timeout_s,
+        s.kafka_auth.librdkafka(),
+    )
 
 
 def _select(
@@ -91,6 +99,7 @@ def _select(
             from_offset=lo,
             to_offset=hi,
             timeout_s=env.timeout_s,
+            config=env.kafka,
         ):
             if offsets and letter.offset not in offsets:
                 continue
@@ -285,13 +294,13 @@ def redrive_(
     if not selected:
         _fail("no dead letter matches", EXIT_FAILED)
     try:
-        topics = topic_partitions(env.bootstrap, env.timeout_s)
+        topics = topic_partitions(env.bootstrap, env.timeout_s, env.kafka)
     except DlqError as exc:
         _fail(str(exc), EXIT_UNREACHABLE)
     plan = plan_redrive(selected, topics, _registry(env))
     if not dry_run:
         try:
-            plan = redrive(env.bootstrap, plan, timeout_s=max(env.timeout_s, 30.0))
+            plan = redrive(env.bootstrap, plan, timeout_s=max(env.timeout_s, 30.0), config=env.kafka)
         except DlqError as exc:
             _fail(str(exc), EXIT_UNREACHABLE)
     _report(plan, dry_run, as_json)

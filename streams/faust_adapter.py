@@ -41,14 +41,18 @@ from aiokafka import AIOKafkaClient
 from faust.streams import _current_event
 from faust.transport.drivers import aiokafka as _aiokafka_driver
 
+from kit.auth import KafkaAuth
+
 __all__ = [
     "App",
     "Committer",
     "FastConsumer",
     "RawSchema",
     "TableWriter",
+    "aiokafka_auth",
     "assignment",
     "batch_offsets",
+    "broker_credentials",
     "commit_offsets",
     "current_event",
     "kafka_reachable",
@@ -151,10 +155,39 @@ class App(faust.App):
         await super().on_first_start()
 
 
-async def kafka_reachable(bootstrap: str, timeout_s: float) -> None:
+def broker_credentials(auth: KafkaAuth) -> Any:
+    """Faust's ``broker_credentials`` for ``auth``: SASL (over TLS or not) or TLS alone; None for PLAINTEXT."""
+    if auth.protocol == "PLAINTEXT":
+        return None
+    ctx = auth.ssl_context()
+    if auth.sasl:
+        return faust.SASLCredentials(
+            username=auth.username, password=auth.password, ssl_context=ctx, mechanism=auth.mechanism
+        )
+    return faust.SSLCredentials(ctx)
+
+
+def aiokafka_auth(auth: KafkaAuth) -> dict[str, Any]:
+    """The keyword arguments of an aiokafka client for ``auth`` (what Faust derives from ``broker_credentials``)."""
+    if auth.protocol == "PLAINTEXT":
+        return {}
+    out: dict[str, Any] = {"security_protocol": auth.protocol}
+    if auth.tls:
+        out["ssl_context"] = auth.ssl_context()
+    if auth.sasl:
+        out.update(sasl_mechanism=auth.mechanism, sasl_plain_username=auth.username, sasl_plain_password=auth.password)
+    return out
+
+
+async def kafka_reachable(bootstrap: str, timeout_s: float, auth: KafkaAuth | None = None) -> None:
     """One metadata round trip with aiokafka's own client, the one Faust's producer bootstraps
-    with; raises ``KafkaConnectionError`` when no broker answers."""
-    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    with, as this worker's principal; raises ``KafkaConnectionError`` when no broker answers
+    (an authentication failure raises too: waiting cannot fix it, but the caller logs each try)."""
+    client = AIOKafkaClient(
+        bootstrap_servers=bootstrap,
+        request_timeout_ms=int(timeout_s * 1000),
+        **aiokafka_auth(auth or KafkaAuth()),
+    )
     try:
         await asyncio.wait_for(client.bootstrap(), timeout_s)
     finally:

@@ -85,12 +85,13 @@ def look(
     max_lag: int | None,
     max_lag_seconds: float | None,
     timeout_s: float,
+    config: dict[str, Any] | None = None,
 ) -> Round:
     read: list[GroupLag] = []
     errors: list[str] = []
     for group in groups:
         try:
-            g = describe_lag(bootstrap, group, list(topics) or None, timeout_s=timeout_s)
+            g = describe_lag(bootstrap, group, list(topics) or None, timeout_s=timeout_s, config=config)
         except LagError as exc:
             errors.append(str(exc))
             if not read and "cannot reach Kafka" in str(exc):
@@ -154,8 +155,8 @@ def document(r: Round) -> dict[str, Any]:
     }
 
 
-def _defaults() -> tuple[str, str]:
-    """(bootstrap, group) from the worker's settings (OHS_WORKER_* / OHS_KAFKA_BOOTSTRAP)."""
+def _defaults() -> tuple[str, str, dict[str, Any]]:
+    """(bootstrap, group, credentials) from the worker's settings (OHS_WORKER_*, OHS_KAFKA_*)."""
     from pydantic import ValidationError
 
     from streams.settings import WorkerSettings
@@ -165,7 +166,7 @@ def _defaults() -> tuple[str, str]:
     except ValidationError as exc:
         err = exc.errors()[0]
         raise _OneLineUsageError(f"bad environment: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-    return s.kafka_bootstrap, s.group
+    return s.kafka_bootstrap, s.group, s.kafka_auth.librdkafka()
 
 
 def _finish(code: int) -> NoReturn:
@@ -229,7 +230,7 @@ def lag(
     """
     if count is not None and watch is None:
         raise _OneLineUsageError("--count needs --watch")
-    default_bootstrap, default_group = _defaults()
+    default_bootstrap, default_group, kafka = _defaults()
     bootstrap = bootstrap or default_bootstrap
     names = list(dict.fromkeys(groups)) or [default_group]
 
@@ -249,7 +250,7 @@ def lag(
     rounds = 0
     try:
         while True:
-            r = look(bootstrap, names, topics, max_lag, max_lag_seconds, timeout_s)
+            r = look(bootstrap, names, topics, max_lag, max_lag_seconds, timeout_s, kafka)
             rounds += 1
             last["code"] = r.code
             if as_json:

@@ -64,19 +64,18 @@ class _Reader:
     def __init__(self, s: Any) -> None:
         from cassandra import ConsistencyLevel
         from cassandra.cluster import ExecutionProfile
-        from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 
-        from kit.cql import make_cluster
+        from kit.cql import load_balancing, make_cluster
 
         # The driver logs every failed connection attempt as a warning: one line of ours instead.
         logging.getLogger("cassandra").setLevel(logging.CRITICAL)
         profile = ExecutionProfile(
-            load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy()),
+            load_balancing_policy=load_balancing(s.cql_local_dc),
             consistency_level=ConsistencyLevel.LOCAL_QUORUM,
             request_timeout=s.request_timeout_s,
         )
         self.ks = s.keyspace
-        self.cluster = make_cluster(s.hosts, s.cql_port, profile, s.cql_protocol_version)
+        self.cluster = make_cluster(s.hosts, s.cql_port, profile, s.cql_protocol_version, s.cql_auth)
         try:
             self.session = self.cluster.connect()
         except Exception as exc:

@@ -351,6 +351,10 @@ class Replay:
     def stopping(self) -> bool:
         return self._stop_signal is not None
 
+    def _kafka(self) -> dict[str, Any]:
+        """What every Kafka client of the replay starts from: the brokers and this process's credentials."""
+        return {"bootstrap.servers": self.s.kafka_bootstrap, **self.s.kafka_auth.librdkafka()}
+
     def run(self, progress: Callable[[ReplaySummary], None] | None = None) -> ReplaySummary:
         """Replay up to the end positions or a stop; ``progress`` is called after every batch."""
         self._progress = progress or self._progress
@@ -358,7 +362,7 @@ class Replay:
 
     async def _run(self) -> ReplaySummary:
         t0 = time.monotonic()
-        config = {"bootstrap.servers": self.s.kafka_bootstrap, "group.id": self.o.group, "enable.auto.commit": False}
+        config = {**self._kafka(), "group.id": self.o.group, "enable.auto.commit": False}
         # Positions are always explicit: one deleted under us (retention) must fail, not jump elsewhere.
         consumer = Consumer({**config, "enable.partition.eof": True, "auto.offset.reset": "error"})
         cluster, producer = None, None
@@ -378,9 +382,8 @@ class Replay:
                 stats = _Statistics(session, self.keyspace, resume) if summary.statistics else None
                 fills = CassandraSink(session, self.s, self.keyspace)
                 sink = _Sink(fills, stats)
-                producer = Producer(
-                    {"bootstrap.servers": self.s.kafka_bootstrap, "enable.idempotence": True, "message.timeout.ms": 0}
-                )  # message.timeout.ms=0: a dead letter is never given up on a timer, like the bridge's records
+                # message.timeout.ms=0: a dead letter is never given up on a timer, like the bridge's records
+                producer = Producer({**self._kafka(), "enable.idempotence": True, "message.timeout.ms": 0})
                 self._prepare_kafka()
                 if self.o.explicit:
                     self._commit(consumer, {p.partition: p.offset for p in summary.partitions})
@@ -486,10 +489,11 @@ class Replay:
     def _prepare_kafka(self) -> None:
         """Create the dead-letter topic if missing (as the worker would: a dead letter must not wait for it), and
         on --from-* delete the group's positions, so a later resume never mixes two replays."""
-        admin = AdminClient({"bootstrap.servers": self.s.kafka_bootstrap})
+        admin = AdminClient(self._kafka())
         steps = []
         if self.s.topic_dlq not in admin.list_topics(timeout=15).topics:
-            created = admin.create_topics([NewTopic(self.s.topic_dlq, 1)])[self.s.topic_dlq]
+            topic = NewTopic(self.s.topic_dlq, 1, self.s.topic_replication_factor)
+            created = admin.create_topics([topic])[self.s.topic_dlq]
             steps.append((created, KafkaError.TOPIC_ALREADY_EXISTS))  # a worker may create it meanwhile
         if self.o.explicit:
             deleted = admin.delete_consumer_groups([self.o.group], request_timeout=15)[self.o.group]

@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from kit.auth import CqlClientSettings, KafkaClientSettings
 
 __all__ = ["WorkerSettings"]
 
 
-class WorkerSettings(BaseSettings):
+class WorkerSettings(KafkaClientSettings, CqlClientSettings):
     model_config = SettingsConfigDict(env_prefix="OHS_WORKER_", frozen=True, extra="ignore")
 
     kafka_bootstrap: str = Field(
@@ -46,6 +48,11 @@ class WorkerSettings(BaseSettings):
     topic_updates: str = Field(default="orders.updates", description="OrderUpdate topic to consume.")
     topic_dlq: str = Field(default="orders.dlq", description="Dead-letter topic for records the worker cannot apply.")
     partitions: int = Field(default=6, description="Partitions of the source topic (tables are co-partitioned).")
+    topic_replication_factor: int = Field(
+        default=1,
+        ge=1,
+        description="Replicas of the topics the worker creates (table changelogs, dead letters): 3 in production.",
+    )
     store: str = Field(
         default="rocksdb://",
         description="Faust table store: rocksdb:// (production: state survives a restart locally) or memory://.",

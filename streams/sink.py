@@ -43,10 +43,9 @@ from typing import Any, Protocol
 
 from cassandra import ConsistencyLevel, InvalidRequest
 from cassandra.cluster import Cluster, ExecutionProfile, Session
-from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from cassandra.query import BatchStatement, BatchType, BoundStatement, PreparedStatement
 
-from kit.cql import TRANSIENT_ERRORS, make_cluster
+from kit.cql import TRANSIENT_ERRORS, load_balancing, make_cluster
 from schemas.events import OrderStatus, OrderUpdate, RejectReason
 from schemas.tables import STAT_FIELDS, Fill, FillMonth
 from streams.cqlbind import Binder
@@ -133,13 +132,13 @@ def translate(exc: BaseException) -> SinkError:
 def connect(s: WorkerSettings) -> tuple[Cluster, Session]:
     """Open the worker's session (blocking: call it off the event loop). Raises SinkUnavailable."""
     profile = ExecutionProfile(
-        load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy()),
+        load_balancing_policy=load_balancing(s.cql_local_dc),
         # QUORUM of the local DC: with RF > 1 a read at the same level (the query API) sees
         # every write the worker has committed an offset for.
         consistency_level=ConsistencyLevel.LOCAL_QUORUM,
         request_timeout=s.request_timeout_s,
     )
-    cluster = make_cluster(s.hosts, s.cql_port, profile, s.cql_protocol_version)
+    cluster = make_cluster(s.hosts, s.cql_port, profile, s.cql_protocol_version, s.cql_auth)
     try:
         return cluster, cluster.connect()
     except Exception as exc:
