@@ -50,7 +50,7 @@ from engine.publish import Unpublishable, frames_or_problem
 from engine.recovery import recover
 from schemas.codec import CodecError, decode, encode
 from schemas.events import BalanceUpdate, Event, EventType, OrderStatus, OrderUpdate, Trade
-from streams.sink import Fill
+from streams.rows import Fill
 from streams.state import UserState
 from streams.trades import MAKER, TAKER, fills_of, month_of
 

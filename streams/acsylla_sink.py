@@ -8,7 +8,7 @@ sending and decoding happen in C++ threads; completions arrive as asyncio future
 here blocks the event loop or needs an executor.
 
 Everything else stays with cassandra-driver: migrations, and the cluster metadata (token map)
-that the replica grouping of ``streams.sink.ReplicaMap`` reads. The rows, their grouping into
+that the replica grouping of ``streams.planning.ReplicaMap`` reads. The rows, their grouping into
 requests and the failure contract are the same as ``CassandraSink``'s: both build their rows
 with ``RowBuilder``; a failed ``write`` raises ``SinkError`` and a second call sends only the
 requests that did not succeed.
@@ -22,18 +22,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from streams.errors import SinkError, SinkRejected, SinkUnavailable
+from streams.planning import Pending, ReplicaMap, plan_requests
+from streams.rows import Applied, Fill, FillMonth, RowBuilder, StatsRow, statement_cql
 from streams.settings import WorkerSettings
-from streams.sink import (
-    Applied,
-    Fill,
-    FillMonth,
-    Pending,
-    ReplicaMap,
-    RowBuilder,
-    StatsRow,
-    plan_requests,
-    statement_cql,
-)
 
 __all__ = ["AcsyllaSink", "translate_acsylla"]
 
@@ -166,7 +157,7 @@ class AcsyllaSink(RowBuilder):
             return stmts[0].statement
         import acsylla
 
-        # UNLOGGED: every statement lives on the same replicas (see streams.sink).
+        # UNLOGGED: every statement lives on the same replicas (see streams.planning).
         batch = acsylla.create_batch_unlogged()
         batch.set_is_idempotent(True)
         for st in stmts:

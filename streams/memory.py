@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from streams.errors import SinkRejected, SinkUnavailable
-from streams.sink import Applied, StatsRow
+from streams.rows import Applied, StatsRow
 
 __all__ = ["MemorySink"]
 

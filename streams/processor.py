@@ -27,7 +27,8 @@ from schemas.codec import CodecError, decode
 from schemas.events import OrderUpdate
 from schemas.registry import Registry, is_registry_frame
 from streams.errors import SinkError, StreamsError
-from streams.sink import Applied, Sink, StatsRow, stats_rows
+from streams.rows import Applied, StatsRow, stats_rows
+from streams.sink import Sink
 from streams.state import ALL_SYMBOLS, StateError, UserState, Verdict
 
 __all__ = ["BatchResult", "DeadLetter", "Limits", "Prepared", "Processor", "ProcessorStop", "Record", "SeqGuard"]
