@@ -26,26 +26,18 @@ exception on purpose: a failure inside the core or the journal append leaves
 memory and journal apart, so the process stops and recovery restores the
 journal's state (the command that failed was never journaled).
 
-Replays are served in slices so commands keep their latency: per loop turn at
-most ``replay_chunk`` events per request (one ``EVS`` message: the journaled
-entries as they are) and ``replay_turn_events`` in all, round-robin; one
-request at a time per client (ROUTER identity) and at most
-``replay_max_active`` at once (others get ``ERR busy:...`` at once); a request
-returns at most ``REPLAY_LIMIT`` events, then ``END`` with the engine's
-(epoch, last seq), and the client asks again from where it got to. The replay
-socket is ``ROUTER_MANDATORY``: a client that does not read pauses only its
-own replay (abandoned after ``replay_stall_ms``), and one that left is dropped.
+Replays (``engine.replay.ReplayService``) are served in slices between the other work, so
+commands keep their latency.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import logging
 import struct
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import zmq
@@ -55,6 +47,7 @@ from engine.gateway import RequestError, parse_request
 from engine.interfaces import EngineError
 from engine.journal import Journal
 from engine.recovery import RecoveryReport, recover
+from engine.replay import REPLAY_LIMIT, TYPE_AT, ReplayService
 from engine.settings import EngineSettings
 from schemas.events import RejectReason
 from schemas.wire import ENTRY, HEARTBEAT, UNPUBLISHABLE, encode_events, entry, pack
@@ -63,16 +56,12 @@ __all__ = ["REPLAY_LIMIT", "EngineFatal", "EngineService", "ServiceStats"]
 
 log = logging.getLogger("ohs.engine")
 
-REPLAY_LIMIT = 50_000
-"""Most events one replay request returns; the client asks again from where it got to."""
 _REPLAY_MAX_FRAME = 4096
 """A replay request is a few dozen bytes: ZeroMQ drops a peer that sends a bigger frame."""
 _MAX_PARTS = 3
 """Frames kept after the identity (the rest of a longer message is drained unread)."""
 _BATCH_BYTES = 64 * 1024
 """A feed message holds entries up to about this size (more only for one command's many events)."""
-_TYPE_AT = 4 + 3
-"""Offset of the event type in an entry (after the size, the magic and the version)."""
 
 
 class EngineFatal(EngineError):
@@ -100,17 +89,6 @@ class ServiceStats:
     """Markers sent in place of events that cannot be published (feed and replay)."""
     feed_messages: int = 0
     """Batches sent on the feed (heartbeats excluded)."""
-
-
-@dataclass
-class _Replay:
-    ident: bytes
-    entries: Iterator[tuple[int, bytes]]
-    last_progress: float
-    pending: list[bytes] | None = None
-    """A message that met a full pipe: sent first on the next turn."""
-    pending_events: int = 0
-    ended: bool = False
 
 
 class EngineService:
@@ -161,7 +139,9 @@ class EngineService:
         self._poller = zmq.Poller()
         self._poller.register(self.replay, zmq.POLLIN)
         self._poller.register(self.gateway, zmq.POLLIN)
-        self._replays: dict[bytes, _Replay] = {}
+        self.replays = ReplayService(
+            self.replay, self.journal, settings, self.stats, lambda: (self.engine.epoch, self.engine.last_seq)
+        )
         self._replay_moved = False
         self._logged: set[int] = set()
         self._last_ts = 0
@@ -249,7 +229,7 @@ class EngineService:
         pos = 0
         while pos < len(entries):
             (size,) = _SIZE.unpack_from(entries, pos)
-            if entries[pos + _TYPE_AT] == UNPUBLISHABLE:
+            if entries[pos + TYPE_AT] == UNPUBLISHABLE:
                 self.stats.unpublishable += 1
                 (seq,) = _SEQ.unpack_from(entries, pos + 16)
                 if seq not in self._logged and len(self._logged) < 10_000:
@@ -274,13 +254,13 @@ class EngineService:
                     if gateway:
                         self._on_gateway(frames, count, size)
                     else:
-                        self._on_replay(frames, count)
+                        self.replays.on_request(frames, count)
                 except EngineFatal:
                     raise
                 except Exception:  # no input may end the process
                     self.stats.handler_errors += 1
                     log.exception("%s request failed", "gateway" if gateway else "replay")
-        self._replay_moved = self._serve_replays() if self._replays else False
+        self._replay_moved = self.replays.serve() if self.replays.active else False
         now = time.monotonic()
         if now >= self._next_tick:
             self._next_tick = now + self.settings.tick_ms / 1000.0
@@ -302,13 +282,11 @@ class EngineService:
             "last_loop": self.last_loop,
             "epoch": self.engine.epoch,
             "last_seq": self.engine.last_seq,
-            "replays": len(self._replays),
+            "replays": len(self.replays.active),
         }
 
     def close(self) -> None:
-        for r in self._replays.values():
-            _close(r.entries)
-        self._replays.clear()
+        self.replays.close()
         self.journal.close()
         for sock in (self.feed, self.replay, self.gateway):
             sock.close(linger=1000)
@@ -339,98 +317,6 @@ class EngineService:
         ]
         self.gateway.send_multipart([ident, b"OK", json.dumps(reply).encode()])
 
-    # ---------------------------------------------------------------- replay
-    def _reply(self, frames: list[bytes]) -> bool | None:
-        """True if sent, False if the client's pipe is full, None if the client is gone."""
-        try:
-            self.replay.send_multipart(frames, zmq.NOBLOCK)
-        except zmq.Again:
-            return False
-        except zmq.ZMQError as exc:
-            if exc.errno == zmq.EHOSTUNREACH:
-                return None
-            raise
-        return True
-
-    def _on_replay(self, frames: list[zmq.Frame], count: int) -> None:
-        ident = frames[0].bytes
-        parts = [f.bytes for f in frames[1:]]
-        epoch, last = self.engine.epoch, self.engine.last_seq
-        if count == 2 and parts[0] == b"INFO":
-            self._reply([ident, b"INFO", _QQ.pack(epoch, last)])
-            return
-        if count != 3 or parts[0] != b"REPLAY" or len(parts[1]) != _QQQ.size:
-            self.stats.replay_errors += 1
-            self._reply([ident, b"ERR", b"bad_request"])
-            return
-        req_epoch, lo, hi = _QQQ.unpack(parts[1])
-        if req_epoch != epoch:
-            self._reply([ident, b"ERR", f"epoch_mismatch:{epoch}".encode()])
-            return
-        if ident in self._replays or len(self._replays) >= self.settings.replay_max_active:
-            # One at a time per client: its EV frames would otherwise interleave with another answer's.
-            self.stats.replay_busy += 1
-            self._reply([ident, b"ERR", b"busy:client" if ident in self._replays else b"busy:server"])
-            return
-        self.stats.replay_requests += 1
-        # Fsync first, and never past what is durable now: a replayed event must never be one a
-        # machine crash could still take back (the replay is sent over later loop turns).
-        self.journal.sync()
-        hi = min(hi, last) if hi else last
-        lo = max(lo, 1)
-        entries: Iterator[tuple[int, bytes]] = iter(()) if lo > hi else self.journal.read_entries(lo, hi, REPLAY_LIMIT)
-        self._replays[ident] = _Replay(ident, entries, time.monotonic())
-
-    def _serve_replays(self) -> bool:
-        """One turn of replay work, round-robin; True if any replay moved."""
-        s = self.settings
-        budget, moved, now = s.replay_turn_events, False, time.monotonic()
-        for ident in list(self._replays):
-            if budget <= 0:
-                break
-            r = self._replays.pop(ident)  # re-inserted at the end: the next turn starts with the others
-            try:
-                sent, alive = self._advance(r, min(s.replay_chunk, budget))
-            except Exception:  # the journal could not be read: tell the client, never end the process
-                self.stats.handler_errors += 1
-                log.exception("replay for %s failed", ident.hex())
-                self._reply([ident, b"ERR", b"journal_error"])
-                _close(r.entries)
-                continue
-            budget -= max(sent, 1)
-            moved = moved or sent > 0
-            if not alive:
-                _close(r.entries)
-            elif sent == 0 and now - r.last_progress > s.replay_stall_ms / 1000.0:
-                self.stats.replay_abandoned += 1
-                log.warning("replay for %s abandoned: no reads for %d ms", ident.hex(), s.replay_stall_ms)
-                _close(r.entries)
-            else:
-                self._replays[ident] = r
-        return moved
-
-    def _advance(self, r: _Replay, n: int) -> tuple[int, bool]:
-        """Send up to ``n`` events of ``r`` as one EVS message: (events sent, whether it has more)."""
-        if r.pending is None:
-            chunk = [e for _seq, e in itertools.islice(r.entries, n)]
-            if chunk:
-                r.pending, r.pending_events = [r.ident, b"EVS", b"".join(chunk)], len(chunk)
-                self.stats.unpublishable += sum(1 for e in chunk if e[_TYPE_AT] == UNPUBLISHABLE)
-            else:
-                r.ended = True
-                r.pending = [r.ident, b"END", _QQ.pack(self.engine.epoch, self.engine.last_seq)]
-        ok = self._reply(r.pending)
-        if ok is None:  # the client left: nobody to send the rest to
-            return 0, False
-        if not ok:
-            return 0, True  # its pipe is full: the others' turn
-        sent = r.pending_events
-        r.pending, r.pending_events, r.last_progress = None, 0, time.monotonic()
-        if r.ended:
-            return 1, False
-        self.stats.replayed_events += sent
-        return sent, True
-
 
 def _recv_bounded(sock: zmq.Socket[bytes]) -> tuple[list[zmq.Frame], int, int] | None:
     """(identity + at most ``_MAX_PARTS`` frames, frames in the message, bytes after the identity),
@@ -447,12 +333,6 @@ def _recv_bounded(sock: zmq.Socket[bytes]) -> tuple[list[zmq.Frame], int, int] |
         if count <= _MAX_PARTS + 1:
             frames.append(frame)
     return frames, count, size
-
-
-def _close(entries: Iterator[tuple[int, bytes]]) -> None:
-    close = getattr(entries, "close", None)
-    if close is not None:
-        close()
 
 
 _QQ = struct.Struct(">QQ")

@@ -15,6 +15,7 @@ import uuid
 import pytest
 import zmq
 
+import engine.replay as replay_mod
 import engine.service as service_mod
 from engine.commands import Deposit, PlaceOrder
 from engine.journal import Journal, event_record
@@ -236,11 +237,11 @@ def test_one_replay_per_client_and_a_global_cap(make):
     _turns(svc)
     assert [f for f in _drain(a) if f[0] == b"ERR"] == [[b"ERR", b"busy:client"]] * 9
     assert _drain(c) == [[b"ERR", b"busy:server"]]
-    assert svc.stats.replay_busy == 10 and len(svc._replays) == 2
+    assert svc.stats.replay_busy == 10 and len(svc.replays.active) == 2
 
 
 def test_a_request_returns_at_most_the_limit_then_the_client_asks_again(make, monkeypatch):
-    monkeypatch.setattr(service_mod, "REPLAY_LIMIT", 10)
+    monkeypatch.setattr(replay_mod, "REPLAY_LIMIT", 10)
     svc, peers = make()
     _fund(svc, 25)
     epoch, sock, got = svc.engine.epoch, peers.dealer("replay"), []
@@ -272,18 +273,18 @@ def test_replays_of_a_client_that_left_or_stopped_reading_are_dropped(make):
     peers.sockets.remove(gone)
     for _ in range(500):  # until ZeroMQ has taken the peer's pipe down (asynchronously)
         _turns(svc)
-        if not svc._replays:
+        if not svc.replays.active:
             break
-    assert not svc._replays, "a client that left: nobody to send the rest to"
+    assert not svc.replays.active, "a client that left: nobody to send the rest to"
     assert svc.stats.replayed_events < 600 and svc.stats.replay_abandoned == 0
     stuck = peers.dealer("replay", rcvhwm=10)
     _replay_all(stuck, epoch)
     _turns(svc, 2_000)  # one message per turn: the pipe (about a thousand messages) fills up
     for _ in range(50):
-        if not svc._replays:
+        if not svc.replays.active:
             break
         svc.service_io(20)
-    assert not svc._replays and svc.stats.replay_abandoned == 1
+    assert not svc.replays.active and svc.stats.replay_abandoned == 1
 
 
 @pytest.mark.parametrize(

@@ -326,7 +326,7 @@ def test_a_journal_read_error_ends_that_replay_with_err_and_the_service_goes_on(
     sock = make.dealer("replay")
     frames = _replay(svc, sock, svc.engine.epoch, 1, 0)
     assert frames == [[b"ERR", b"journal_error"]]
-    assert svc.stats.handler_errors == 1 and not svc._replays
+    assert svc.stats.handler_errors == 1 and not svc.replays.active
     sock.send_multipart([b"INFO"])
     svc.service_io(1)
     assert _drain(sock, 1000) == [[b"INFO", QQ.pack(svc.engine.epoch, 5)]]
