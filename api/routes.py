@@ -128,9 +128,17 @@ def _order_cursor(cursor: str | None, before: str | None) -> tuple[int, int] | N
 
 
 def build_router(s: ApiSettings) -> APIRouter:
+    """Every endpoint, bound to the settings (page size bounds, symbols, scan budget)."""
     router = APIRouter()
-    Limit = Annotated[int, Query(ge=1, le=s.page_size_max, description="Items per page.")]
-    specs = {spec.name: spec for spec in s.symbol_specs()}
+    _meta_routes(router, s)
+    _user_order_routes(router, s)
+    _order_routes(router, s)
+    _trade_routes(router, s)
+    return router
+
+
+def _meta_routes(router: APIRouter, s: ApiSettings) -> None:
+    """/health and /symbols: no token."""
     decimals = s.decimals()
     symbols = Symbols(
         symbols=[
@@ -143,7 +151,7 @@ def build_router(s: ApiSettings) -> APIRouter:
                 price_decimals=decimals.get(spec.name, (0, 0))[0],
                 qty_decimals=decimals.get(spec.name, (0, 0))[1],
             )
-            for spec in specs.values()
+            for spec in s.symbol_specs()
         ]
     )
 
@@ -174,6 +182,11 @@ def build_router(s: ApiSettings) -> APIRouter:
         """The engine's symbols (OHS_ENGINE_SYMBOLS, given to the API too) with their tick and lot sizes
         and display decimals, so clients can render integer prices and quantities. No token needed."""
         return symbols
+
+
+def _user_order_routes(router: APIRouter, s: ApiSettings) -> None:
+    """A user's orders: open ones, the history with its filters, one by client id, the statistics."""
+    Limit = Annotated[int, Query(ge=1, le=s.page_size_max, description="Items per page.")]
 
     @router.get(
         "/users/{user_id}/orders/active",
@@ -284,6 +297,24 @@ def build_router(s: ApiSettings) -> APIRouter:
         return Order.model_validate(row)
 
     @router.get(
+        "/users/{user_id}/stats",
+        response_model=UserStatistics,
+        responses=_USER_ERRORS,
+        tags=["orders"],
+        openapi_extra=SECURED,
+    )
+    async def statistics(request: Request, user_id: UserId, caller: Caller, store: Db) -> UserStatistics:
+        """Counts per status, fills and filled volume, per symbol and for all symbols ('*')."""
+        require_reader(request, caller, user_id)
+        rows = await store.statistics(user_id)
+        rows.sort(key=lambda r: (r["symbol"] != ALL_SYMBOLS, r["symbol"]))
+        return UserStatistics(user_id=user_id, symbols=[SymbolStatistics.model_validate(r) for r in rows])
+
+
+def _order_routes(router: APIRouter, s: ApiSettings) -> None:
+    """One order by id, and its events: to its owner or an operator (anyone else: 404)."""
+
+    @router.get(
         "/orders/{order_id}", response_model=Order, responses=_ORDER_ERRORS, tags=["orders"], openapi_extra=SECURED
     )
     async def order(request: Request, order_id: OrderId, caller: Caller, store: Db, epoch: Epoch = None) -> Order:
@@ -317,6 +348,12 @@ def build_router(s: ApiSettings) -> APIRouter:
             if isinstance(ev, OrderUpdate):
                 events.append(OrderEvent.model_validate(update_dict(ev)))
         return OrderEvents(epoch=ref["epoch"], order_id=order_id, events=events)
+
+
+def _trade_routes(router: APIRouter, s: ApiSettings) -> None:
+    """A user's fills."""
+    Limit = Annotated[int, Query(ge=1, le=s.page_size_max, description="Items per page.")]
+    specs = {spec.name: spec for spec in s.symbol_specs()}
 
     @router.get(
         "/users/{user_id}/trades",
@@ -375,19 +412,3 @@ def build_router(s: ApiSettings) -> APIRouter:
             since_ns=since, until_ns=to, match=match, scan_max=s.scan_max,
         )  # fmt: skip
         return FillsPage(user_id=user_id, fills=[fill_model(r, specs) for r in page.rows], next=page.next)
-
-    @router.get(
-        "/users/{user_id}/stats",
-        response_model=UserStatistics,
-        responses=_USER_ERRORS,
-        tags=["orders"],
-        openapi_extra=SECURED,
-    )
-    async def statistics(request: Request, user_id: UserId, caller: Caller, store: Db) -> UserStatistics:
-        """Counts per status, fills and filled volume, per symbol and for all symbols ('*')."""
-        require_reader(request, caller, user_id)
-        rows = await store.statistics(user_id)
-        rows.sort(key=lambda r: (r["symbol"] != ALL_SYMBOLS, r["symbol"]))
-        return UserStatistics(user_id=user_id, symbols=[SymbolStatistics.model_validate(r) for r in rows])
-
-    return router
