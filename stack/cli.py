@@ -40,6 +40,8 @@ def up_cmd(s: StackSettings, registry: bool) -> None:
     _log("stack is up: " + ", ".join(f"{k}={v:.1f}" for k, v in timings.items()))
     _log(f"export OHS_KAFKA_BOOTSTRAP={s.kafka_bootstrap} OHS_CQL_CONTACT_POINTS={s.host}")
     _log(f"export OHS_CQL_PORT={s.cql_port}")
+    if s.auth:
+        _log("credentials are on (OHS_AUTH): `ohs stack env` prints the on-call principal's; docs/operations.md")
     if s.registry:
         _log(f"export OHS_SCHEMA_REGISTRY_URL={s.registry_url}")
 
@@ -88,3 +90,9 @@ def env_cmd(s: StackSettings) -> None:
     click.echo(f"export OHS_KAFKA_BOOTSTRAP={s.kafka_bootstrap}")
     click.echo(f"export OHS_CQL_CONTACT_POINTS={s.host}")
     click.echo(f"export OHS_CQL_PORT={s.cql_port}")
+    if s.auth and "ops" in s.users:
+        # With OHS_AUTH: the on-call principal, for `ohs lag`, `audit`, `orders` typed by hand.
+        password = s.users["ops"]
+        click.echo("export OHS_KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT OHS_KAFKA_SASL_MECHANISM=PLAIN")
+        click.echo(f"export OHS_KAFKA_SASL_USERNAME=ops OHS_KAFKA_SASL_PASSWORD={password}")
+        click.echo(f"export OHS_CQL_USERNAME=ops OHS_CQL_PASSWORD={password}")
