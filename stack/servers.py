@@ -142,8 +142,9 @@ def _format_kafka_storage(s: StackSettings, classpath: str, props: Path, log4j: 
         classpath,
         "kafka.tools.StorageTool",
         "format",
-        "-t",
-        cluster_id,
+        # One argument: an id may begin with "-" (urlsafe base64), which a separate value would
+        # make an option (a 1-in-64 failure seen in CI).
+        f"--cluster-id={cluster_id}",
         "-c",
         str(props),
     ]

@@ -61,7 +61,8 @@ def _wait_for_stream(cql, ks, expected_seqs, timeout=180):
         if got >= expected_seqs:
             return got
         time.sleep(1)
-    raise AssertionError(f"{len(expected_seqs - got)} order updates never reached Cassandra")
+    missing = sorted(expected_seqs - got)
+    raise AssertionError(f"{len(missing)} order updates never reached Cassandra: seqs {missing[:60]}")
 
 
 def _check_rows(cql, ks, engine, updates):
