@@ -321,9 +321,9 @@ async def _finish(processor: Processor, committer: fa.Committer, batch: _Batch, 
         result = await processor.complete(batch.prepared)
         if previous is not None:
             await previous
-        changed = batch.prepared.changed
+        # The states as they were right after this batch (Prepared.states says why not the objects).
         by_key = batch.by_key
-        deliveries = await rt.table_writer.write([(by_key[k], k, state.to_bytes()) for k, state in changed.items()])
+        deliveries = await rt.table_writer.write([(by_key[k], k, value) for k, value in batch.prepared.states.items()])
         rt.cache.release(batch.loaded)
         for e in batch.events:
             e.ack()

@@ -242,3 +242,40 @@ def test_statistics_rows_carry_a_timestamp_that_grows_with_every_event():
         h.run(_records([e]))
         seen.append(h.sink.stats[(e.user_id, ALL_SYMBOLS)][0])
     assert seen == sorted(seen) and len(set(seen)) == len(seen)
+
+
+def test_a_batch_stores_its_own_states_not_those_of_a_later_batch_prepared_on_top():
+    """The worker prepares batch N+1 on the same state objects while N is being written. What N
+    stores once durable must be the states right after N: if it stored N+1's effects and the
+    worker died before N+1 was durable, N+1's events would be duplicates on restart, never written."""
+    events = _updates()
+    user = max({e.user_id for e in events}, key=lambda u: sum(e.user_id == u for e in events))
+    mine = [e for e in events if e.user_id == user]
+    half = len(mine) // 2
+    h = Harness()
+    cache: dict[bytes, UserState] = {}
+
+    def load(key: bytes) -> UserState:  # the worker's cache: one object per user across batches
+        return cache.setdefault(key, UserState.from_bytes(h.table.get(key)))
+
+    async def pipeline() -> None:
+        first = await h.proc.prepare(_records(mine[:half]), load)
+        await h.proc.prepare(_records(mine[half:]), load)  # the second batch, before the first is durable
+        await h.proc.complete(first)
+        # The objects now hold the second batch's effects too: storing them would be the bug.
+        assert {k: v.to_bytes() for k, v in first.changed.items()} != first.states
+        h.table.update(first.states)  # what the worker stores for the first batch
+        # ... and the worker dies here: the second batch is never written.
+
+    asyncio.run(pipeline())
+    key = str(user).encode()
+    stored = UserState.from_bytes(h.table[key])
+    truth = UserState()
+    for e in mine[:half]:
+        truth.apply(e)
+    assert stored.to_bytes() == truth.to_bytes()
+    # A restart reads the stored state and applies the second batch again: nothing is a duplicate.
+    fresh = Harness(sink=h.sink)
+    fresh.table = dict(h.table)
+    (result,) = fresh.run(_records(mine[half:]), batch=len(mine))
+    assert result.applied == len(mine) - half and result.duplicates == 0
