@@ -159,7 +159,7 @@ def test_every_process_connects_as_its_principal_and_is_refused_without(secure: 
 
         # The on-call tools, as the ops principal.
         ops = creds(s, "ops")
-        lag = ohs(p, ops, "lag", "--group", p.group, "--max-lag", "0")
+        lag = ohs(p, ops, "lag", "--group", p.group, "--topic", p.topics["updates"], "--max-lag", "0")
         assert lag.returncode == 0, lag.stdout + lag.stderr
         t = p.topics
         audit = ohs(
