@@ -119,6 +119,15 @@ class EngineLink(Intake):
                     self.producer.poll(0)  # acknowledgements and the producer's queue keep moving
                     self._renew()
                     self._drain()
+                if self._kafka_backpressured():
+                    # Kafka is behind: stop here, as the feed loop does, so what is in flight stays
+                    # bounded. The rest of the range is asked again once acknowledgements catch up;
+                    # a new socket, so nothing late of this answer is read as the next one's.
+                    log.debug(
+                        "replay of %d..%d paused after %d messages: Kafka is behind", hole.first, hole.last, received
+                    )
+                    self._drop_replay_socket()
+                    return
                 continue
             if kind == b"END" and len(frames) == 2 and len(frames[1]) == QQ.size:
                 epoch, last = QQ.unpack(frames[1])

@@ -25,6 +25,7 @@ from bridge.state import (
     ACCOUNT,
     DLQ,
     EVENT,
+    MAX_OUTBOX_BYTES,
     OPEN,
     PURGED,
     Headers,
@@ -39,6 +40,15 @@ __all__ = ["Outbox"]
 
 class Outbox(Checkpointing):
     # ------------------------------------------------------------------ outbox
+    def _kafka_backpressured(self) -> bool:
+        """Kafka is behind: the producer's queue is full, or ``max_in_flight`` records (or the
+        outbox's byte bound) are unacknowledged or waiting. The feed and replays stop being read."""
+        return (
+            self._blocked
+            or len(self.producer) + len(self._outbox) >= self.s.max_in_flight
+            or self._outbox_bytes >= MAX_OUTBOX_BYTES
+        )
+
     def _emit(self, out: Out) -> None:
         """Produce now if nothing waits ahead and its ceiling allows, else queue in order."""
         ready = out.kind == DLQ or (out.kind != OPEN and self._ceiling_allows(out))

@@ -71,7 +71,6 @@ from bridge.kafka import KafkaIO
 from bridge.metrics import M
 from bridge.settings import BridgeSettings
 from bridge.state import (
-    MAX_OUTBOX_BYTES,
     RESERVED,
     Out,
     RateLimited,
@@ -282,7 +281,7 @@ class Bridge(EngineLink):
         if self._backpressured():
             producer.poll(0.05)  # wait for acks, read nothing
         elif self.feed is not None and self.feed.poll(poll_ms):
-            for i in range(500):
+            for _ in range(500):
                 try:
                     frames = self.feed.recv_multipart(zmq.NOBLOCK, copy=True)
                 except zmq.Again:
@@ -291,7 +290,8 @@ class Bridge(EngineLink):
                     self._handle_batch(frames[0], replayed=False)
                 else:
                     self._handle_safely(frames, replayed=False)
-                if i % 8 == 7 and self._backpressured():
+                # After every message: the bound is then max_in_flight plus one message's events.
+                if self._backpressured():
                     break
         self._renew()
         self._drain()
@@ -304,10 +304,3 @@ class Bridge(EngineLink):
         """Stop reading the feed: Kafka is behind, or too many early seqs wait above a hole."""
         t = self.tracker
         return self._kafka_backpressured() or (t is not None and len(t.pending) >= self.s.max_pending)
-
-    def _kafka_backpressured(self) -> bool:
-        return (
-            self._blocked
-            or len(self.producer) + len(self._outbox) >= self.s.max_in_flight
-            or self._outbox_bytes >= MAX_OUTBOX_BYTES
-        )

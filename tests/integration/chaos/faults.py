@@ -61,6 +61,10 @@ class DelayProxy:
                 upstream = socket.create_connection(self.target)
             except OSError:
                 return
+            if self._closed.is_set():  # closed meanwhile: these would outlive it (a ResourceWarning later)
+                for sock in (client, upstream):
+                    sock.close()
+                return
             self._socks += [client, upstream]
             for src, dst in ((client, upstream), (upstream, client)):
                 queue: deque[tuple[float, bytes]] = deque()
@@ -172,8 +176,21 @@ class PartitionProxy:
         self._link = threading.Event()
         self._link.set()
         self._closed = threading.Event()
+        self._lock = threading.Lock()
         self._socks: list[socket.socket] = [self._listener]
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def _track(self, sock: socket.socket) -> bool:
+        """Keep ``sock`` to close with the proxy; False (and closed at once) if the proxy is closed
+        already: a socket the pipe threads open while ``close`` runs must not outlive it (its
+        ResourceWarning would fail whichever later test the garbage collector runs in)."""
+        with self._lock:
+            if not self._closed.is_set():
+                self._socks.append(sock)
+                return True
+        with contextlib.suppress(OSError):
+            sock.close()
+        return False
 
     def cut(self) -> None:
         self._link.clear()
@@ -182,9 +199,11 @@ class PartitionProxy:
         self._link.set()
 
     def close(self) -> None:
-        self._closed.set()
+        with self._lock:
+            self._closed.set()
+            socks, self._socks = self._socks, []
         self._link.set()  # the pipes waiting for the link see the proxy closed
-        for s in list(self._socks):
+        for s in socks:
             with contextlib.suppress(OSError):
                 s.close()
 
@@ -201,8 +220,9 @@ class PartitionProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            if not self._track(client):
+                return
             self.connections += 1
-            self._socks.append(client)
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
@@ -213,7 +233,8 @@ class PartitionProxy:
         except OSError:
             client.close()
             return
-        self._socks.append(upstream)
+        if not self._track(upstream):
+            return
         ends = [2]  # both directions end before the sockets are closed
         lock = threading.Lock()
         threading.Thread(target=self._pipe, args=(upstream, client, ends, lock), daemon=True).start()

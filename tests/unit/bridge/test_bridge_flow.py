@@ -146,13 +146,35 @@ def test_while_kafka_is_away_the_bridge_stops_reading_and_loses_nothing(rig: Rig
         bridge.step(poll_ms=2)
     assert bridge.tracker is not None
     waiting = len(kafka.producer) + len(bridge._outbox)
-    # It stops within a few feed messages (the twin batches up to 100 events in one) of the bound.
-    assert 50 <= waiting <= 50 + 8 * 100, waiting
-    assert bridge.tracker.received < 20 + 50 + 8 * 100 < len(events), "the rest waits in ZeroMQ or the journal"
+    # It stops within one feed message (the twin batches up to 100 events in one) of the bound.
+    assert 50 <= waiting <= 50 + 100, waiting
+    assert bridge.tracker.received < 20 + 50 + 100 < len(events), "the rest waits in ZeroMQ or the journal"
     assert bridge.tracker.watermark == 20
     kafka.producer.hold = False
     run_until(bridge, _at(bridge, len(events)), "everything once Kafka is back", timeout=60)
     assert sorted(set(kafka.seqs())) == [e.seq for e in events]
+
+
+@pytest.mark.parametrize("rig", [{"max_in_flight": 50}], indirect=True, ids=["in-flight-50"])
+def test_a_replay_stops_reading_at_the_bound_too_and_asks_for_the_rest_later(rig: Rig) -> None:
+    """A replay started just before Kafka stalls must not hand the producer a whole range (up to
+    50,000 events): it stops within one replay message of the bound, like the feed."""
+    _s, engine, kafka, bridge = rig
+    events = engine_events(EPOCH, 3000)[:3000]
+    engine.append_events(events[:20])
+    run_until(bridge, _at(bridge, 20), "the first events")
+    kafka.producer.hold = True
+    engine.append_events(events[20:], skip={e.seq for e in events[20:]})  # journaled, never published
+    for _ in range(300):
+        bridge.step(poll_ms=2)
+    assert bridge.tracker is not None
+    waiting = len(kafka.producer) + len(bridge._outbox)
+    assert 50 <= waiting <= 50 + 64, waiting  # the twin replays 64 events per message
+    assert _replays(engine), "the hole was asked for"
+    kafka.producer.hold = False
+    run_until(bridge, _at(bridge, len(events)), "everything once Kafka is back", timeout=60)
+    assert sorted(set(kafka.seqs())) == [e.seq for e in events]
+    assert len(_replays(engine)) > 1, "the rest of the range was asked for again"
 
 
 # -------------------------------------------------------------------------- epochs
