@@ -135,6 +135,12 @@ class _Runtime:
         self.last_durable = time.time()
         self.last_commit = 0.0
         self.waiting = False
+        self.lag = 0
+        """The group's lag on the updates topic at the last refresh (``export_lag``): records wait
+        in Kafka even when the agent has taken none (a consumer that stopped fetching)."""
+        self.lag_since = time.time()
+        """When the lag last rose from zero: an idle worker's old last durable batch is no stall."""
+        self.waiting_since = time.time()
         """The agent holds records it has not made durable yet."""
         self.committer: fa.Committer | None = None
         self.table_writer = fa.TableWriter(app, users)
@@ -253,6 +259,8 @@ async def apply_updates(stream: Any) -> None:
             events = await fa.take_available(stream, settings.batch_size)
         except StopAsyncIteration:  # the stream is stopping (shutdown or rebalance of the agent)
             return
+        if not rt.waiting:
+            rt.waiting_since = time.time()
         rt.waiting = True
         try:
             if settings.batch_window_s and len(events) < settings.batch_size:
@@ -377,6 +385,10 @@ async def export_lag() -> None:
     for row in rows:
         W.lag_messages.labels(row.topic, str(row.partition)).set(row.lag_messages)
         W.lag_seconds.labels(row.topic, str(row.partition)).set(row.lag_seconds)
+    lag = sum(max(row.lag_messages, 0) for row in rows)
+    if lag and not rt.lag:
+        rt.lag_since = time.time()
+    rt.lag = lag
 
 
 @app.page("/metrics")
@@ -388,14 +400,17 @@ async def metrics(web: Any, request: Any) -> Any:
 @app.page("/health")
 async def health(web: Any, request: Any) -> Any:
     """200 while the worker makes progress: Cassandra open, and no records waiting longer than
-    ``health_stall_s`` without a durable batch. 503 (with the reason) otherwise."""
+    ``health_stall_s`` without a durable batch, whether the agent holds them or they still lag in
+    Kafka. 503 (with the reason) otherwise."""
     now = time.time()
     problems = []
     if rt.error:
         problems.append(rt.error)
-    stalled = now - rt.last_durable
-    if rt.waiting and stalled > settings.health_stall_s:
-        problems.append(f"no durable batch for {stalled:.0f}s while records wait")
+    # Since the last durable batch, or since work appeared after an idle time, whichever is later.
+    appeared = [t for t, busy in ((rt.lag_since, rt.lag > 0), (rt.waiting_since, rt.waiting)) if busy]
+    stalled = now - max(rt.last_durable, min(appeared)) if appeared else 0.0
+    if stalled > settings.health_stall_s:
+        problems.append(f"no durable batch for {stalled:.0f}s while records wait (lag {rt.lag})")
     body = {
         "status": "unavailable" if problems else "ok",
         "problems": problems,

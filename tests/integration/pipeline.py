@@ -101,6 +101,19 @@ class Pipeline:
                     proc.wait()
             del self.procs[name]
 
+    def stacks(self, name: str) -> str:
+        """Every thread's stack of a running process (py-spy, a dev dependency): what a process that
+        stopped making progress is waiting on, for the message of the test that found it."""
+        proc = self.procs.get(name)
+        if proc is None or proc.poll() is not None:
+            return f"{name} is not running"
+        spy = Path(sys.executable).with_name("py-spy")
+        try:
+            out = subprocess.run([str(spy), "dump", "--pid", str(proc.pid)], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"py-spy failed: {exc!r}"
+        return (out.stdout + out.stderr)[-6000:]
+
     def log(self, name: str) -> str:
         path = self.workdir / f"{name}.log"
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""

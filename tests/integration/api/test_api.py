@@ -112,7 +112,9 @@ def wait_synced(r: Running, updates: list[OrderUpdate], timeout: float = 60.0) -
         if lag and all(pl.committed >= 0 and pl.lag_messages == 0 for pl in lag):
             return
         time.sleep(0.5)
-    raise AssertionError(f"Cassandra never caught up with the engine:\n{r.p.log('worker')}")
+    raise AssertionError(
+        f"Cassandra never caught up with the engine:\n{r.p.log('worker')}\nworker stacks:\n{r.p.stacks('worker')}"
+    )
 
 
 CID_USER = 1

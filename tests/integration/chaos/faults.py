@@ -443,7 +443,10 @@ def finish(p, client, cql_session, bootstrap: str, seed: int, faults: int) -> No
     client.close()
     p.settle()
     engine, updates = _truth(p)
-    _check_rows(cql_session, p.keyspace, engine, updates)
+    try:
+        _check_rows(cql_session, p.keyspace, engine, updates)
+    except AssertionError as exc:  # with what the worker is doing, if it stopped making progress
+        raise AssertionError(f"{exc}\nworker stacks:\n{p.stacks('worker')}") from exc
     _assert_log_matches_journal(p, bootstrap, last)  # also stops the engine: the journal is final
     alive(p, "bridge", "worker")
     audit(p, bootstrap, faults=faults)
