@@ -212,15 +212,18 @@ commitlog_directory: {dirs["commitlog"]}
 saved_caches_directory: {dirs["saved_caches"]}
 hints_directory: {dirs["hints"]}
 cdc_raw_directory: {dirs["cdc_raw"]}
-# group: a write is acknowledged only after the commit log holding it is synced (every
-# write of a 10 ms window shares one fsync). Not periodic: on replay Cassandra reads the commit
+# batch: a write is acknowledged only after the commit log holding it is synced (writes that
+# arrive during a sync share the next one). Not periodic: on replay Cassandra reads the commit
 # log only up to its last sync marker, so a kill -9 of the server lost the writes of the last
 # period even though it had acknowledged them (the fault suite's Cassandra kill -9 found 335 of
 # them gone), and the worker had committed their offsets. With one replica per row, as here,
-# nothing else holds them. Production with RF >= 3 and LOCAL_QUORUM may keep periodic
-# (docs/operations.md).
-commitlog_sync: group
-commitlog_sync_group_window: 10ms
+# nothing else holds them. Not group either: each mutation holds one of the concurrent_writes
+# threads until the next sync, one window later, which capped this node at ~1,600 order
+# updates/s from the JVM client (batch: ~5,400; periodic: ~11,600; `ohs bench sink`,
+# docs/benchmarks.md). Direct I/O for the commit log (Cassandra 5.0) helps batch mode here.
+# Production with RF >= 3 and LOCAL_QUORUM may keep periodic (docs/operations.md).
+commitlog_sync: batch
+commitlog_disk_access_mode: direct
 seed_provider:
   - class_name: org.apache.cassandra.locator.SimpleSeedProvider
     parameters:
