@@ -79,6 +79,7 @@ app = fa.App(
     # Changelog records of one batch (one per user) travel in a few produce requests, not one
     # each; the committer's flush sends whatever lingers at once.
     producer_linger=0.01,
+    stream_buffer_maxsize=settings.stream_buffer,
     key_serializer="raw",
     value_serializer="raw",
 )
@@ -146,6 +147,7 @@ class _Runtime:
         self.table_writer = fa.TableWriter(app, users)
         self.cache = StateCache(settings.state_cache_users)
         self.cache_owned: set[Any] = set()
+        self.updates_order = fa.Contiguity()
 
 
 rt = _Runtime()
@@ -273,6 +275,10 @@ async def apply_updates(stream: Any) -> None:
                     await inflight.popleft()
                 rt.cache.clear()
                 rt.cache_owned = owned
+            events = await _contiguous(rt.updates_order, events, owned)
+            if not events:
+                rt.waiting = bool(inflight)
+                continue
             batch = await _prepare(processor, events, owned)
             previous = inflight[-1] if inflight else None
             inflight.append(loop.create_task(_finish(processor, committer, batch, previous)))
@@ -287,6 +293,26 @@ async def apply_updates(stream: Any) -> None:
             log.critical("unexpected error in the batch loop: exiting without acking", exc_info=True)
             os._exit(70)
         rt.waiting = bool(inflight)
+
+
+async def _contiguous(guard: fa.Contiguity, events: list[Any], owned: set[Any]) -> list[Any]:
+    """``events`` without what would skip or repeat part of a partition (``fa.Contiguity``):
+    dropped events are acked (bookkeeping only: offsets come from durable batches), and a
+    partition whose records were skipped is sought back to the first of them."""
+    guard.forget(owned)
+    mine = [e for e in events if e.message.tp in owned]
+    others = [e for e in events if e.message.tp not in owned]  # acked by _prepare, never taken
+    taken, dropped, gaps = guard.admit(mine, fa.committed_offset(app))
+    for e in dropped:
+        e.ack()
+    for tp, offset in gaps.items():
+        W.consumer_gaps.inc()
+        log.warning("partition %s: the consumer skipped records from offset %d; fetching them again", tp, offset)
+        try:
+            guard.sought(tp, await fa.seek_back(app, tp, offset))
+        except Exception as exc:  # revoked meanwhile, or the broker away: tried again later
+            log.warning("partition %s: cannot seek back to %d yet: %s", tp, offset, exc)
+    return taken + others
 
 
 class _Batch:
@@ -470,6 +496,7 @@ if trades_settings.trades:
             else None,
             on_retry=W.retries.inc,
         )
+        guard = fa.Contiguity()
         while True:
             try:
                 events = await fa.take_available(stream, settings.batch_size)
@@ -479,7 +506,9 @@ if trades_settings.trades:
                 if settings.batch_window_s and len(events) < settings.batch_size:
                     await asyncio.sleep(settings.batch_window_s)
                     events += fa.take_queued(stream, settings.batch_size - len(events))
-                await _apply_trades(processor, committer, events)
+                events = await _contiguous(guard, events, fa.assignment(app))
+                if events:
+                    await _apply_trades(processor, committer, events)
             except ProcessorStop as exc:
                 log.critical("%s; stopping without committing (see docs/operations.md)", exc)
                 os._exit(78)

@@ -30,8 +30,10 @@ range in ``pyproject.toml`` is pinned to the version that test ran against.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -46,6 +48,7 @@ from kit.auth import KafkaAuth
 __all__ = [
     "App",
     "Committer",
+    "Contiguity",
     "FastConsumer",
     "RawSchema",
     "TableWriter",
@@ -54,8 +57,10 @@ __all__ = [
     "batch_offsets",
     "broker_credentials",
     "commit_offsets",
+    "committed_offset",
     "current_event",
     "kafka_reachable",
+    "seek_back",
     "take_available",
     "take_queued",
 ]
@@ -72,6 +77,14 @@ class FastConsumer(_aiokafka_driver.Consumer):
     the rebalance flag: the flag is tested between messages, and only a message that arrives
     while the flow is suspended takes Faust's original, racing path."""
 
+    async def commit(self, topics: Any = None, start_new_transaction: bool = True) -> bool:
+        """Never commit from acks: the worker's ``Committer`` commits the end of each durable,
+        gap-free batch. Faust's own commit (every ``broker_commit_interval``, at a rebalance, at
+        stop) takes the first run of acked offsets after the committed one, and counts a run
+        that starts one past it as contiguous (``min(acked) - committed > 1``): a record whose
+        event never reached the batch loop is then committed past, and lost."""
+        return False
+
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - run by Faust in the worker
         callback = self.callback
         getmany = self.getmany
@@ -80,6 +93,7 @@ class FastConsumer(_aiokafka_driver.Consumer):
         get_read_offset = self._read_offset.__getitem__
         set_read_offset = self._read_offset.__setitem__
         suspended = self.suspend_flow.is_set
+        current = functools.partial(is_current, self.app)
         acks_enabled_for = self.app.topics.acks_enabled_for
         sleep = asyncio.sleep
         since_yield = 0
@@ -107,6 +121,14 @@ class FastConsumer(_aiokafka_driver.Consumer):
                         await self.wait_first(callback(message), self.suspend_flow.wait())
                     else:
                         await callback(message)
+                    if not current(message):
+                        # A rebalance completed while the callback waited (a full queue, flow
+                        # control): the consumer has been sought back to the committed offsets
+                        # since. Recording this offset as read would drop every record between
+                        # the two as "already read" and commit past them (2,687 updates lost
+                        # in a CI run of 2026-12-06). The message itself is skipped by
+                        # ``take_available``; this batch of records is stale, so stop here.
+                        break
                     set_read_offset(tp, offset)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
@@ -203,29 +225,47 @@ async def take_available(stream: Any, max_events: int) -> list[Any]:
     unacknowledged with the consumer, as Faust's stream iterator does, so a rebalance waits
     (``stream_wait_empty``) until the batch is acked or the worker gives it up.
     """
+    app = stream.app
     queue = stream.channel.queue
-    add_unacked = stream.app.consumer.unacked.add
+    add_unacked = app.consumer.unacked.add
     first = await queue.get()
+    while not is_current(app, first.message):
+        first = await queue.get()
     batch = [first]
     add_unacked(first.message)
     get_nowait, empty = queue.get_nowait, queue.empty
     while len(batch) < max_events and not empty():
         event = get_nowait()
-        add_unacked(event.message)
-        batch.append(event)
+        if is_current(app, event.message):
+            add_unacked(event.message)
+            batch.append(event)
     return batch
 
 
 def take_queued(stream: Any, max_events: int) -> list[Any]:
     """Every event already queued for ``stream``, up to ``max_events``, without waiting."""
+    app = stream.app
     queue = stream.channel.queue
-    add_unacked = stream.app.consumer.unacked.add
+    add_unacked = app.consumer.unacked.add
     out: list[Any] = []
     while len(out) < max_events and not queue.empty():
         event = queue.get_nowait()
-        add_unacked(event.message)
-        out.append(event)
+        if is_current(app, event.message):
+            add_unacked(event.message)
+            out.append(event)
     return out
+
+
+def is_current(app: Any, message: Any) -> bool:
+    """Whether ``message`` was fetched in the consumer's current generation, with the flow on.
+
+    A message fetched before a rebalance can still reach a stream's queue after it: the
+    conductor's put waits while the queue is full or the flow is suspended, and completes after
+    the rebalance cleared the queue and sought the consumer back to the committed offsets. Such
+    a message is fetched again, in order, from there; taken now it would be processed ahead of
+    the records before it. Faust's own stream iterator skips these the same way
+    (``Stream._py_aiter``); the worker takes events from the queue itself, so it must too."""
+    return bool(message.generation_id == app.consumer_generation_id and app.flow_control.is_active())
 
 
 def current_event(event: Any | None) -> None:
@@ -328,6 +368,93 @@ class Committer:
                         self._offsets[tp] = offset
                 await asyncio.sleep(self.retry_s)
                 self._wake.set()
+
+
+class Contiguity:
+    """The batch loop takes each partition's records in offset order with none skipped.
+
+    Faust can lose a fetched record between its consumer and a stream: a rebalance clears the
+    streams' queues after it has sought to the committed offsets, so what was delivered in
+    between is gone while the consumer's position is past it (one update lost in
+    ``test_rebalance_while_the_workers_buffer_is_full_and_its_writes_wait``). The worker
+    commits the end of each durable batch, so a record skipped there would be committed past.
+    This keeps, per partition, the next offset to take: a record below it was taken before
+    (a re-fetch after a seek: dropped, it is durable or in flight), a record above it means
+    records were skipped, so the partition is sought back to it (``seek_back``) and nothing of
+    it is taken until that offset arrives. ``committed`` gives the start of a partition not
+    seen yet (the group's committed offset; None: take the first record that comes)."""
+
+    def __init__(self, retry_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._next: dict[Any, int] = {}
+        self._sought: dict[Any, float] = {}
+        """Partitions sought back to their next offset, and when: a repeat seek waits ``retry_s``."""
+        self.retry_s = retry_s
+        self._clock = clock
+
+    def admit(
+        self, events: Sequence[Any], committed: Callable[[Any], int | None]
+    ) -> tuple[list[Any], list[Any], dict[Any, int]]:
+        """``events`` split into (to take, to drop, {partition: offset to seek back to})."""
+        taken: list[Any] = []
+        dropped: list[Any] = []
+        gaps: dict[Any, int] = {}
+        nxt, sought, now = self._next, self._sought, self._clock()
+        for e in events:
+            m = e.message
+            tp, offset = m.tp, m.offset
+            expected = nxt.get(tp)
+            if expected is None:
+                start = committed(tp)
+                expected = start if start is not None and start >= 0 else offset
+                nxt[tp] = expected
+            if offset == expected:
+                taken.append(e)
+                nxt[tp] = offset + 1
+                sought.pop(tp, None)
+            elif offset < expected:
+                dropped.append(e)
+            else:
+                dropped.append(e)
+                since = sought.get(tp)
+                if since is None or now - since >= self.retry_s:
+                    gaps[tp] = expected
+        return taken, dropped, gaps
+
+    def sought(self, tp: Any, offset: int) -> None:
+        """``tp`` was sought to ``offset`` (past ``next`` only when the records before it are gone)."""
+        self._next[tp] = offset
+        self._sought[tp] = self._clock()
+
+    def forget(self, keep: set[Any]) -> None:
+        """Partitions not in ``keep`` were revoked: their next offset is the group's again."""
+        for tp in [tp for tp in self._next if tp not in keep]:
+            del self._next[tp]
+            self._sought.pop(tp, None)
+
+
+def committed_offset(app: Any) -> Callable[[Any], int | None]:
+    """The consumer's last known committed offset of a partition (set by each rebalance's seek
+    and by every commit), or None."""
+    offsets = app.consumer._committed_offset
+    return lambda tp: offsets.get(tp)
+
+
+async def seek_back(app: Any, tp: Any, offset: int) -> int:
+    """Seek ``tp`` back to ``offset`` so its records are fetched again from there; past it only
+    to the partition's earliest offset when retention deleted the records before (returned)."""
+    consumer = app.consumer
+    target = offset
+    try:
+        earliest = (await consumer.earliest_offsets(tp)).get(tp)
+        if earliest is not None and earliest > offset:
+            log.error("partition %s: offsets %d-%d were deleted before the worker read them", tp, offset, earliest - 1)
+            target = earliest
+    except Exception as exc:  # the seek below still helps; Contiguity retries if it does not
+        log.warning("partition %s: cannot read its earliest offset: %s", tp, exc)
+    await consumer.seek_wait({tp: target})
+    # What the drain loop compares fetched offsets with: the next record to deliver.
+    consumer._read_offset[tp] = target
+    return target
 
 
 class TableWriter:

@@ -16,6 +16,9 @@ class _Metrics:
         self.duplicates = Counter("ohs_worker_duplicates_total", "Records already applied (re-sends, replays)")
         self.dead_lettered = Counter("ohs_worker_dead_lettered_total", "Records sent to the DLQ", ["reason"])
         self.retries = Counter("ohs_worker_write_retries_total", "Failed batch writes retried")
+        self.consumer_gaps = Counter(
+            "ohs_worker_consumer_gaps_total", "Times the consumer skipped records and the worker fetched them again"
+        )
         self.rows = Counter("ohs_worker_rows_total", "CQL rows (statements) written")
         self.requests = Counter("ohs_worker_cql_requests_total", "CQL requests (batches or single statements) sent")
         self.last_durable = Gauge("ohs_worker_last_durable_timestamp_seconds", "When the last batch became durable")

@@ -81,6 +81,13 @@ class WorkerSettings(KafkaClientSettings, CqlClientSettings):
         description="Address the web port listens on: loopback unless a scraper elsewhere needs it (0.0.0.0).",
     )
     batch_size: int = Field(default=2000, description="Most records per batch.")
+    stream_buffer: int = Field(
+        default=4096,
+        ge=1,
+        le=1_000_000,
+        description="Records fetched ahead of the batch loop (Faust's stream_buffer_maxsize): "
+        "more smooths bursts, at the cost of memory and of re-fetching them after a rebalance.",
+    )
     batch_window_s: float = Field(
         default=0.0,
         description="Extra wait for a batch to fill when fewer than batch_size records are queued; "

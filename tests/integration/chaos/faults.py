@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import deque
 
@@ -445,11 +446,54 @@ def finish(p, client, cql_session, bootstrap: str, seed: int, faults: int) -> No
     engine, updates = _truth(p)
     try:
         _check_rows(cql_session, p.keyspace, engine, updates)
-    except AssertionError as exc:  # with what the worker is doing, if it stopped making progress
-        raise AssertionError(f"{exc}\nworker stacks:\n{p.stacks('worker')}") from exc
+    except AssertionError as exc:  # with where the flow stopped, if a process stopped making progress
+        raise AssertionError(f"{exc}\n{diagnose(p, bootstrap)}") from exc
     _assert_log_matches_journal(p, bootstrap, last)  # also stops the engine: the journal is final
     alive(p, "bridge", "worker")
     audit(p, bootstrap, faults=faults)
+
+
+def diagnose(p, bootstrap: str) -> str:  # type: ignore[no-untyped-def]
+    """Where the flow stopped, most telling first (CI shows the head and tail of a long message):
+    the engine's last seq, the bridge's watermark, the group's committed offsets against the
+    topic's ends, the worker's counters and health, then its log and every thread's stack."""
+    from streams.lag import describe_lag
+
+    def attempt(what: str, fn) -> str:  # type: ignore[no-untyped-def]
+        try:
+            return f"{what}: {fn()}"
+        except Exception as exc:  # a diagnosis never hides the failure it explains
+            return f"{what}: unavailable ({exc!r})"
+
+    def group() -> str:
+        lag = describe_lag(bootstrap, p.group, [p.topics["updates"]])
+        parts = ", ".join(f"p{r.partition} {r.committed}/{r.end}" for r in lag.partitions)
+        return f"state {lag.state}, {lag.members} members, committed/end {parts}"
+
+    def worker() -> str:
+        m = metrics(p.worker_port)
+        keys = ("applied_total", "records_total", "last_durable_timestamp_seconds", "last_commit_timestamp_seconds")
+        found = {k: m.get(f"ohs_worker_{k}") for k in keys}
+        return f"{found} (now {time.time():.0f})"
+
+    def health() -> str:
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{p.worker_port}/health", timeout=10).read().decode()
+        except urllib.error.HTTPError as exc:
+            return f"{exc.code} {exc.read().decode(errors='replace')}"
+
+    lines = [
+        attempt("engine last seq", lambda: p.engine_info()[1]),
+        attempt("bridge watermark", lambda: metrics(p.bridge_port).get("ohs_bridge_watermark")),
+        attempt("worker group", group),
+        attempt("worker metrics", worker),
+        attempt("worker health", health),
+        "worker log (tail):",
+        p.log("worker")[-2500:],
+        "worker stacks:",
+        p.stacks("worker"),
+    ]
+    return "\n".join(lines)
 
 
 def cql_retry(session, query: str, timeout: float = 120.0):  # type: ignore[no-untyped-def]

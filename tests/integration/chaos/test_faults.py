@@ -16,7 +16,7 @@ import uuid
 import pytest
 
 from tests.integration.bridge.test_bridge import _assert_log_matches_journal
-from tests.integration.chaos.faults import DelayProxy, audit, metrics, server_pid, wait_for
+from tests.integration.chaos.faults import DelayProxy, audit, diagnose, metrics, server_pid, wait_for
 from tests.integration.pipeline import Pipeline, free_port
 from tests.integration.streams.test_worker import USERS, _check_rows, _truth, _worker_env
 
@@ -53,7 +53,10 @@ def _finish(p: Pipeline, client, cql_session, bootstrap: str, seed: int) -> None
     client.close()
     p.settle()
     engine, updates = _truth(p)
-    _check_rows(cql_session, p.keyspace, engine, updates)
+    try:
+        _check_rows(cql_session, p.keyspace, engine, updates)
+    except AssertionError as exc:  # with where the flow stopped, if a process stopped making progress
+        raise AssertionError(f"{exc}\n{diagnose(p, bootstrap)}") from exc
     _assert_log_matches_journal(p, bootstrap, last)  # also stops the engine: the journal is final
     audit(p, bootstrap)
 
@@ -87,6 +90,39 @@ def test_rebalance_mid_batch_a_second_worker_joins_then_is_killed(pipeline, cql_
     p.kill("worker-b")  # kill -9 while it holds partitions and batches: another rebalance
     p.drive(client, 800, seed=83, users=USERS)
     _finish(p, client, cql_session, stack_endpoints.kafka_bootstrap, seed=84)
+
+
+def test_rebalance_while_the_workers_buffer_is_full_and_its_writes_wait(pipeline, cql_session, stack_endpoints):
+    """A rebalance while the batch loop waits on slow writes and Faust's buffer in front of it is
+    full, so the consumer's delivery of a fetched record is itself waiting: the rebalance seeks
+    back to the committed offsets, and the late delivery must not mark everything up to it as
+    read. (It did: a CI run of 2026-12-06 lost 2,687 updates after the worker it restarted
+    caught up on a backlog while Cassandra was down and the group rebalanced.)"""
+    p = pipeline
+    proxy = DelayProxy(stack_endpoints.cql_port)
+    try:
+        # Small batches and a small buffer: the buffer is full as soon as the writes slow down.
+        env = {
+            "OHS_CQL_PORT": str(proxy.port),
+            "OHS_WORKER_REQUEST_TIMEOUT_S": "60",
+            "OHS_WORKER_BATCH_SIZE": "40",
+            "OHS_WORKER_STREAM_BUFFER": "60",
+        }
+        client = _start(p, env)
+        p.drive(client, 300, seed=101, users=USERS)
+        _wait_applying(p)
+        proxy.delay = 1.0  # every write waits ~2 s: the backlog queues in front of the batch loop
+        p.drive(client, 1_500, seed=102, users=USERS)
+        time.sleep(3)
+        p.start("worker-b", ["worker"], {**_worker_env(p, p.group), "OHS_WORKER_WEB_PORT": str(free_port())})
+        p.drive(client, 300, seed=103, users=USERS)
+        time.sleep(15)  # the rebalance completes while the first worker's deliveries wait
+        proxy.delay = 0.0
+        p.kill("worker-b", signal.SIGTERM)  # leaves the group: another rebalance, back to one worker
+        assert p.procs["worker"].poll() is None, p.log("worker")
+        _finish(p, client, cql_session, stack_endpoints.kafka_bootstrap, seed=104)
+    finally:
+        proxy.close()
 
 
 def test_cassandra_answers_slower_than_the_driver_waits(pipeline, cql_session, stack_endpoints):
