@@ -80,6 +80,9 @@ app = fa.App(
     # each; the committer's flush sends whatever lingers at once.
     producer_linger=0.01,
     stream_buffer_maxsize=settings.stream_buffer,
+    broker_session_timeout=settings.session_timeout_s,
+    # Heartbeats from the consumer's own thread, at most a third of the session apart (Kafka's rule).
+    broker_heartbeat_interval=min(3.0, settings.session_timeout_s / 3),
     key_serializer="raw",
     value_serializer="raw",
 )
@@ -258,7 +261,7 @@ async def apply_updates(stream: Any) -> None:
     loop = asyncio.get_running_loop()
     while True:
         try:
-            events = await fa.take_available(stream, settings.batch_size)
+            events = await _take(rt.updates_order, stream)
         except StopAsyncIteration:  # the stream is stopping (shutdown or rebalance of the agent)
             return
         if not rt.waiting:
@@ -305,6 +308,23 @@ async def _contiguous(guard: fa.Contiguity, events: list[Any], owned: set[Any]) 
     taken, dropped, gaps = guard.admit(mine, fa.committed_offset(app))
     for e in dropped:
         e.ack()
+    await _seek_back(guard, gaps)
+    return taken + others
+
+
+async def _take(guard: fa.Contiguity, stream: Any) -> list[Any]:
+    """The next events of ``stream``; while a partition sought back waits for its records, wake
+    up every ``retry_s`` to seek it again (nothing else would: no later record of it comes)."""
+    while True:
+        if not guard.awaiting():
+            return await fa.take_available(stream, settings.batch_size)
+        try:
+            return await asyncio.wait_for(fa.take_available(stream, settings.batch_size), guard.retry_s)
+        except TimeoutError:
+            await _seek_back(guard, guard.overdue())
+
+
+async def _seek_back(guard: fa.Contiguity, gaps: dict[Any, int]) -> None:
     for tp, offset in gaps.items():
         W.consumer_gaps.inc()
         log.warning("partition %s: the consumer skipped records from offset %d; fetching them again", tp, offset)
@@ -312,7 +332,6 @@ async def _contiguous(guard: fa.Contiguity, events: list[Any], owned: set[Any]) 
             guard.sought(tp, await fa.seek_back(app, tp, offset))
         except Exception as exc:  # revoked meanwhile, or the broker away: tried again later
             log.warning("partition %s: cannot seek back to %d yet: %s", tp, offset, exc)
-    return taken + others
 
 
 class _Batch:
@@ -499,7 +518,7 @@ if trades_settings.trades:
         guard = fa.Contiguity()
         while True:
             try:
-                events = await fa.take_available(stream, settings.batch_size)
+                events = await _take(guard, stream)
             except StopAsyncIteration:  # the stream is stopping (shutdown or rebalance of the agent)
                 return
             try:

@@ -81,6 +81,14 @@ class WorkerSettings(KafkaClientSettings, CqlClientSettings):
         description="Address the web port listens on: loopback unless a scraper elsewhere needs it (0.0.0.0).",
     )
     batch_size: int = Field(default=2000, description="Most records per batch.")
+    session_timeout_s: float = Field(
+        default=45.0,
+        ge=6.0,
+        le=300.0,
+        description="Kafka consumer session timeout: how long the group waits for a worker that "
+        "stopped heartbeating (killed, partitioned) before its partitions move; also how long a "
+        "restarted worker may wait to rejoin. 45 s is Kafka's default (KIP-735).",
+    )
     stream_buffer: int = Field(
         default=4096,
         ge=1,
