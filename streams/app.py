@@ -303,8 +303,10 @@ async def _contiguous(guard: fa.Contiguity, events: list[Any], owned: set[Any]) 
     dropped events are acked (bookkeeping only: offsets come from durable batches), and a
     partition whose records were skipped is sought back to the first of them."""
     guard.forget(owned)
-    mine = [e for e in events if e.message.tp in owned]
-    others = [e for e in events if e.message.tp not in owned]  # acked by _prepare, never taken
+    mine: list[Any] = []
+    others: list[Any] = []  # of partitions revoked meanwhile: acked by the caller, never taken
+    for e in events:
+        (mine if e.message.tp in owned else others).append(e)
     taken, dropped, gaps = guard.admit(mine, fa.committed_offset(app))
     for e in dropped:
         e.ack()

@@ -370,11 +370,12 @@ class Committer:
 class Contiguity:
     """The batch loop takes each partition's records in offset order with none skipped.
 
-    Faust can lose a fetched record between its consumer and a stream: a rebalance clears the
-    streams' queues after it has sought to the committed offsets, so what was delivered in
-    between is gone while the consumer's position is past it (one update lost in
-    ``test_rebalance_while_the_workers_buffer_is_full_and_its_writes_wait``). The worker
-    commits the end of each durable batch, so a record skipped there would be committed past.
+    Around a rebalance Faust can hand the streams records out of order or not at all: it
+    resumes the flow before it seeks to the committed offsets, so records fetched from the old
+    position arrive first, and its queues are cleared meanwhile (one update lost in
+    ``test_rebalance_while_the_workers_buffer_is_full_and_its_writes_wait``,
+    ``docs/reliability.md``). The worker commits the end of each durable batch, so a record
+    skipped there would be committed past.
     This keeps, per partition, the next offset to take: a record below it was taken before
     (a re-fetch after a seek: dropped, it is durable or in flight), a record above it means
     records were skipped, so the partition is sought back to it (``seek_back``) and nothing of
@@ -459,7 +460,7 @@ async def seek_back(app: Any, tp: Any, offset: int) -> int:
     except Exception as exc:  # the seek below still helps; Contiguity retries if it does not
         log.warning("partition %s: cannot read its earliest offset: %s", tp, exc)
     await consumer.seek_wait({tp: target})
-    # What the drain loop compares fetched offsets with: the next record to deliver.
+    # Faust's record of the partition's position, as its own seek leaves it.
     consumer._read_offset[tp] = target
     return target
 
