@@ -282,7 +282,7 @@ async def apply_updates(stream: Any) -> None:
             if not events:
                 rt.waiting = bool(inflight)
                 continue
-            batch = await _prepare(processor, events, owned)
+            batch = await _prepare(processor, events)
             previous = inflight[-1] if inflight else None
             inflight.append(loop.create_task(_finish(processor, committer, batch, previous)))
             while inflight and (inflight[0].done() or len(inflight) >= settings.write_pipeline):
@@ -299,19 +299,28 @@ async def apply_updates(stream: Any) -> None:
 
 
 async def _contiguous(guard: fa.Contiguity, events: list[Any], owned: set[Any]) -> list[Any]:
-    """``events`` without what would skip or repeat part of a partition (``fa.Contiguity``):
-    dropped events are acked (bookkeeping only: offsets come from durable batches), and a
-    partition whose records were skipped is sought back to the first of them."""
+    """The events of ``events`` to process: those ``fa.Contiguity`` admits, of partitions in
+    ``owned``. Every other event is acked here (bookkeeping only: offsets come from durable
+    batches): of a partition revoked meanwhile (its new owner reads it again), or skipping or
+    repeating part of a partition (one skipped is sought back to the first record skipped).
+
+    The events returned must all be processed, even if the assignment changes before they are:
+    Contiguity counts them as taken, so a partition given back to this worker does not take
+    them again. (The trades agent used to filter its batch by a second look at the assignment,
+    after the seek's await: a rebalance in between dropped a batch it had admitted, and 452
+    fills were lost after a Kafka pause in a CI run of 2026-12-06.)"""
     guard.forget(owned)
     mine: list[Any] = []
-    others: list[Any] = []  # of partitions revoked meanwhile: acked by the caller, never taken
     for e in events:
-        (mine if e.message.tp in owned else others).append(e)
+        if e.message.tp in owned:
+            mine.append(e)
+        else:
+            e.ack()
     taken, dropped, gaps = guard.admit(mine, fa.committed_offset(app))
     for e in dropped:
         e.ack()
     await _seek_back(guard, gaps)
-    return taken + others
+    return taken
 
 
 async def _take(guard: fa.Contiguity, stream: Any) -> list[Any]:
@@ -337,29 +346,24 @@ async def _seek_back(guard: fa.Contiguity, gaps: dict[Any, int]) -> None:
 
 
 class _Batch:
-    __slots__ = ("by_key", "events", "loaded", "mine", "prepared", "records")
+    __slots__ = ("by_key", "events", "loaded", "prepared", "records")
 
-    def __init__(self, events: list[Any], mine: list[Any], records: list[Record], by_key: dict[bytes, Any]) -> None:
-        self.events, self.mine, self.records, self.by_key = events, mine, records, by_key
+    def __init__(self, events: list[Any], records: list[Record], by_key: dict[bytes, Any]) -> None:
+        self.events, self.records, self.by_key = events, records, by_key
         self.prepared: Any = None
         self.loaded: list[bytes] = []
         """Users whose states this batch pinned in the cache."""
 
 
-async def _prepare(processor: Processor, events: list[Any], owned: set[Any]) -> _Batch:
-    mine = []
-    for e in events:
-        if e.message.tp in owned:
-            mine.append(e)
-        else:
-            e.ack()  # of a partition revoked meanwhile: its new owner reads it again
+async def _prepare(processor: Processor, events: list[Any]) -> _Batch:
+    """``events``: what ``_contiguous`` returned, every one of them to be processed."""
     by_key: dict[bytes, Any] = {}
     records = []
-    for e in mine:
+    for e in events:
         m = e.message
         records.append(Record(m.key, m.value, m.topic, m.partition, m.offset, _headers(m.headers)))
         by_key[m.key or b""] = e
-    batch = _Batch(events, mine, records, by_key)
+    batch = _Batch(events, records, by_key)
     cache, reader = rt.cache, rt.table_writer
 
     def load(key: bytes) -> UserState:
@@ -382,7 +386,7 @@ async def _finish(processor: Processor, committer: fa.Committer, batch: _Batch, 
         rt.cache.release(batch.loaded)
         for e in batch.events:
             e.ack()
-        committer.request(fa.batch_offsets(batch.mine), deliveries)
+        committer.request(fa.batch_offsets(batch.events), deliveries)
     except ProcessorStop as exc:
         log.critical("%s; stopping without committing (see docs/operations.md)", exc)
         os._exit(78)
@@ -474,20 +478,14 @@ trades_settings = TradesSettings()
 
 
 async def _apply_trades(processor: TradeProcessor, committer: fa.Committer, events: list[Any]) -> None:
-    owned = fa.assignment(app)
-    mine = []
-    for e in events:
-        if e.message.tp in owned:
-            mine.append(e)
-        else:
-            e.ack()  # of a partition revoked meanwhile: its new owner reads it again
+    """``events``: what ``_contiguous`` returned, every one of them to be processed."""
     records = [
-        Record(m.key, m.value, m.topic, m.partition, m.offset, _headers(m.headers)) for m in (e.message for e in mine)
+        Record(m.key, m.value, m.topic, m.partition, m.offset, _headers(m.headers)) for m in (e.message for e in events)
     ]
     result, _ = await processor.process(records)
     for e in events:
         e.ack()
-    committer.request(fa.batch_offsets(mine))  # no changelog records to wait for
+    committer.request(fa.batch_offsets(events))  # no changelog records to wait for
     TRADE_RECORDS.inc(len(records))
     FILLS.inc(result.applied)
     W.rows.inc(result.rows)

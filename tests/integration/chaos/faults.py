@@ -466,15 +466,25 @@ def diagnose(p, bootstrap: str) -> str:  # type: ignore[no-untyped-def]
             return f"{what}: unavailable ({exc!r})"
 
     def group() -> str:
-        lag = describe_lag(bootstrap, p.group, [p.topics["updates"]])
-        parts = ", ".join(f"p{r.partition} {r.committed}/{r.end}" for r in lag.partitions)
+        lag = describe_lag(bootstrap, p.group, [p.topics["updates"], p.topics["trades"]])
+        parts = ", ".join(f"{r.topic.split('.')[1]} p{r.partition} {r.committed}/{r.end}" for r in lag.partitions)
         return f"state {lag.state}, {lag.members} members, committed/end {parts}"
 
     def worker() -> str:
         m = metrics(p.worker_port)
-        keys = ("applied_total", "records_total", "last_durable_timestamp_seconds", "last_commit_timestamp_seconds")
+        keys = (
+            "applied_total",
+            "records_total",
+            "trade_records_total",
+            "fills_total",
+            "consumer_gaps_total",
+            "last_durable_timestamp_seconds",
+            "last_commit_timestamp_seconds",
+        )
         found = {k: m.get(f"ohs_worker_{k}") for k in keys}
-        return f"{found} (now {time.time():.0f})"
+        text = urllib.request.urlopen(f"http://127.0.0.1:{p.worker_port}/metrics", timeout=10).read().decode()
+        dead = [line for line in text.splitlines() if line.startswith("ohs_worker_dead_lettered_total{")]
+        return f"{found}, dead letters {dead} (now {time.time():.0f})"
 
     def health() -> str:
         try:

@@ -58,7 +58,10 @@ def _finish(p: Pipeline, client, cql_session, bootstrap: str, seed: int) -> None
     except AssertionError as exc:  # with where the flow stopped, if a process stopped making progress
         raise AssertionError(f"{exc}\n{diagnose(p, bootstrap)}") from exc
     _assert_log_matches_journal(p, bootstrap, last)  # also stops the engine: the journal is final
-    audit(p, bootstrap)
+    try:
+        audit(p, bootstrap)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{diagnose(p, bootstrap)}") from exc
 
 
 def test_kafka_paused_20s_under_load(local_stack, pipeline, cql_session, stack_endpoints):
