@@ -447,19 +447,23 @@ def committed_offset(app: Any) -> Callable[[Any], int | None]:
     return lambda tp: offsets.get(tp)
 
 
-async def seek_back(app: Any, tp: Any, offset: int) -> int:
+async def seek_back(app: Any, tp: Any, offset: int, timeout_s: float = 15.0) -> int:
     """Seek ``tp`` back to ``offset`` so its records are fetched again from there; past it only
-    to the partition's earliest offset when retention deleted the records before (returned)."""
+    to the partition's earliest offset when retention deleted the records before (returned).
+
+    Each broker call is bounded by ``timeout_s`` (Faust's own bound is its 90 s request
+    timeout): the batch loop waits here, so a broker that does not answer must not hold every
+    other partition for that long. A seek that times out raises; ``Contiguity`` asks again."""
     consumer = app.consumer
     target = offset
     try:
-        earliest = (await consumer.earliest_offsets(tp)).get(tp)
+        earliest = (await asyncio.wait_for(consumer.earliest_offsets(tp), timeout_s)).get(tp)
         if earliest is not None and earliest > offset:
             log.error("partition %s: offsets %d-%d were deleted before the worker read them", tp, offset, earliest - 1)
             target = earliest
     except Exception as exc:  # the seek below still helps; Contiguity retries if it does not
-        log.warning("partition %s: cannot read its earliest offset: %s", tp, exc)
-    await consumer.seek_wait({tp: target})
+        log.warning("partition %s: cannot read its earliest offset: %r", tp, exc)
+    await asyncio.wait_for(consumer.seek_wait({tp: target}), timeout_s)
     # Faust's record of the partition's position, as its own seek leaves it.
     consumer._read_offset[tp] = target
     return target

@@ -1068,6 +1068,40 @@ def test_seek_back_seeks_the_consumer_and_its_read_offset_past_deleted_records_o
     assert target == 900 and consumer.sought == [{tp: 900}] and consumer._read_offset[tp] == 900
 
 
+def test_seek_back_bounds_each_broker_call() -> None:
+    """A broker that never answers: the earliest-offset read gives up and the seek still goes
+    out; a seek that never completes raises (Contiguity asks again), neither waits for ever."""
+
+    class Consumer:
+        def __init__(self, hang_seek: bool) -> None:
+            self.hang_seek = hang_seek
+            self.sought: list[dict[TP, int]] = []
+            self._read_offset: dict[TP, int] = {}
+
+        async def earliest_offsets(self, *tps: TP) -> dict[TP, int]:
+            await asyncio.sleep(3600)
+            return {}
+
+        async def seek_wait(self, partitions: dict[TP, int]) -> None:
+            self.sought.append(dict(partitions))
+            if self.hang_seek:
+                await asyncio.sleep(3600)
+
+    tp = TP("trades", 1)
+
+    async def run(hang_seek: bool) -> tuple[Any, Consumer]:
+        consumer = Consumer(hang_seek)
+        try:
+            return await fa.seek_back(types.SimpleNamespace(consumer=consumer), tp, 40, timeout_s=0.05), consumer
+        except TimeoutError as exc:
+            return exc, consumer
+
+    target, consumer = asyncio.run(run(False))
+    assert target == 40 and consumer.sought == [{tp: 40}] and consumer._read_offset[tp] == 40
+    outcome, consumer = asyncio.run(run(True))
+    assert isinstance(outcome, TimeoutError) and consumer.sought == [{tp: 40}] and tp not in consumer._read_offset
+
+
 def test_the_real_consumer_seeks_and_reads_earliest_offsets_as_seek_back_calls_them(tmp_path: Path) -> None:
     async def run() -> None:
         with _app(tmp_path) as app:
