@@ -194,6 +194,14 @@ def run_rate(rate: float, duration: float, users: int, max_lag_s: float, workdir
             n: proc_cpu_seconds(p) - cpu0.get(n, 0.0) for n, p in servers.items()
         }
         events = int(metric(bridge_port, "ohs_bridge_engine_seq"))
+        # Where the worker's time went: how large its batches grew and how long their writes took.
+        batches = metric(web_port, "ohs_worker_batch_records_count")
+        writes = metric(web_port, "ohs_worker_write_seconds_count")
+        worker_batches = {
+            "batches": int(batches),
+            "mean_records": metric(web_port, "ohs_worker_batch_records_sum") / max(batches, 1),
+            "mean_write_ms": 1000 * metric(web_port, "ohs_worker_write_seconds_sum") / max(writes, 1),
+        }
     finally:
         for proc in procs.values():
             if proc.poll() is None:
@@ -229,6 +237,7 @@ def run_rate(rate: float, duration: float, users: int, max_lag_s: float, workdir
         "latency_ms": {q: 1000 * _percentile(ordered, v) for q, v in (("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999))},
         "cpu_s": cpu,
         "worker_us_per_update": 1e6 * cpu.get("worker", 0.0) / max(len(latencies), 1),
+        "worker_batches": worker_batches,
     }
 
 
@@ -287,6 +296,8 @@ def bench_e2e(
             Figure(f"worker CPU per update {tag}", r["worker_us_per_update"], "µs"),
             *(Figure(f"latency {q} {tag}", v, "ms") for q, v in r["latency_ms"].items()),
             *(Figure(f"cpu {name} {tag}", v, "s") for name, v in sorted(r["cpu_s"].items())),
+            Figure(f"worker mean batch {tag}", r["worker_batches"]["mean_records"], "records"),
+            Figure(f"worker mean batch write {tag}", r["worker_batches"]["mean_write_ms"], "ms"),
         ]
     if best:
         figures.append(
