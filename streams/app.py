@@ -86,6 +86,7 @@ app = fa.App(
     key_serializer="raw",
     value_serializer="raw",
 )
+app.fetch_max_wait_ms = settings.fetch_max_wait_ms
 
 
 async def _wait_for_kafka() -> None:

@@ -72,10 +72,31 @@ _YIELD_EVERY = 1000
 yields every 100; the conductor's handler awaits nothing unless a queue is full)."""
 
 
+class _FastConsumerThread(_aiokafka_driver.AIOKafkaConsumerThread):
+    """Faust's consumer thread, with the fetch wait the app asks for (``App.fetch_max_wait_ms``).
+
+    Faust builds the worker's aiokafka consumer with ``fetch_max_wait_ms=1500``, no setting.
+    Measured with ``ohs bench e2e --rate 1000`` (docs/benchmarks.md): records then reached the
+    batch loop in bursts 1-2 s old (p50 emit-to-queryable 1.5-1.9 s in 4 of 6 runs), and with
+    50 ms the p50 was 219-387 ms in 5 of 5. aiokafka reads the value when the consumer starts
+    (``AIOKafkaConsumer.start`` hands ``_fetch_max_wait_ms`` to its fetcher); the adapter's tests
+    check that it still does."""
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        wait = getattr(self.app, "fetch_max_wait_ms", None)
+        if wait is not None:
+            consumer._fetch_max_wait_ms = int(wait)
+        return consumer
+
+
 class FastConsumer(_aiokafka_driver.Consumer):
     """Faust's aiokafka consumer with a drain loop that does not race every message against
     the rebalance flag: the flag is tested between messages, and only a message that arrives
     while the flow is suspended takes Faust's original, racing path."""
+
+    def _new_consumer_thread(self) -> Any:
+        return _FastConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     async def commit(self, topics: Any = None, start_new_transaction: bool = True) -> bool:
         """Never commit from acks: the worker's ``Committer`` commits the end of each durable,
@@ -164,6 +185,8 @@ class App(faust.App):
     raises "Unable to bootstrap" from its start and Faust stops the worker."""
 
     before_start: Callable[[], Awaitable[None]] | None = None
+    fetch_max_wait_ms: int | None = None
+    """How long a fetch may wait for records at the broker (None: Faust's 1,500 ms)."""
 
     def _new_transport(self) -> Any:
         return _FastTransport(self.conf.broker_consumer, self)

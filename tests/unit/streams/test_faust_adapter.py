@@ -315,6 +315,29 @@ def test_faust_commit_flushes_the_producer_and_drops_revoked_partitions() -> Non
 # a real FastConsumer: the attributes its drain loop reads
 
 
+@pytest.mark.parametrize("wait", [None, 50])
+def test_the_worker_consumer_fetches_with_the_apps_fetch_wait(tmp_path: Path, wait: int | None) -> None:
+    """Faust builds its worker consumer with a fixed 1,500 ms fetch wait; the adapter's thread
+    replaces it with ``App.fetch_max_wait_ms``, and aiokafka must still read that attribute when
+    the consumer starts (it hands it to its fetcher): otherwise the setting silently does nothing."""
+    import aiokafka
+
+    start_source = inspect.getsource(aiokafka.AIOKafkaConsumer.start).replace(" ", "")
+    assert "fetch_max_wait_ms=self._fetch_max_wait_ms" in start_source, "aiokafka no longer starts its fetcher so"
+
+    async def run() -> None:
+        with _app(tmp_path) as app:
+            app.fetch_max_wait_ms = wait
+            thread = app.consumer._thread
+            assert isinstance(thread, fa._FastConsumerThread), f"the consumer thread is a {type(thread)}"
+            created = thread._create_worker_consumer(app.transport)
+            assert isinstance(created, aiokafka.AIOKafkaConsumer)
+            assert created._fetch_max_wait_ms == (1500 if wait is None else wait)
+            await created.stop()
+
+    asyncio.run(run())
+
+
 def test_real_consumer_has_what_the_drain_loop_reads(tmp_path: Path) -> None:
     async def run() -> None:
         with _app(tmp_path) as app:
