@@ -1066,23 +1066,30 @@ def test_contiguity_moves_past_records_retention_deleted_once_sought_there() -> 
     assert _offsets(taken) == [(0, 25)] and gaps == {}
 
 
+class _SeekConsumer:
+    """What ``seek_back`` uses of Faust's consumer; ``hang_*``: that broker call never answers."""
+
+    def __init__(self, earliest: int = 0, *, hang_earliest: bool = False, hang_seek: bool = False) -> None:
+        self.earliest, self.hang_earliest, self.hang_seek = earliest, hang_earliest, hang_seek
+        self.sought: list[dict[TP, int]] = []
+        self._read_offset: dict[TP, int] = {}
+
+    async def earliest_offsets(self, *tps: TP) -> dict[TP, int]:
+        if self.hang_earliest:
+            await asyncio.sleep(3600)
+        return {tp: self.earliest for tp in tps}
+
+    async def seek_wait(self, partitions: dict[TP, int]) -> None:
+        self.sought.append(dict(partitions))
+        if self.hang_seek:
+            await asyncio.sleep(3600)
+
+
 def test_seek_back_seeks_the_consumer_and_its_read_offset_past_deleted_records_only() -> None:
-    class Consumer:
-        def __init__(self, earliest: int) -> None:
-            self.earliest = earliest
-            self.sought: list[dict[TP, int]] = []
-            self._read_offset: dict[TP, int] = {}
-
-        async def earliest_offsets(self, *tps: TP) -> dict[TP, int]:
-            return {tp: self.earliest for tp in tps}
-
-        async def seek_wait(self, partitions: dict[TP, int]) -> None:
-            self.sought.append(dict(partitions))
-
     tp = TP("updates", 2)
 
     async def run(earliest: int) -> tuple[int, Any]:
-        consumer = Consumer(earliest)
+        consumer = _SeekConsumer(earliest)
         return await fa.seek_back(types.SimpleNamespace(consumer=consumer), tp, 697), consumer
 
     target, consumer = asyncio.run(run(0))
@@ -1094,26 +1101,10 @@ def test_seek_back_seeks_the_consumer_and_its_read_offset_past_deleted_records_o
 def test_seek_back_bounds_each_broker_call() -> None:
     """A broker that never answers: the earliest-offset read gives up and the seek still goes
     out; a seek that never completes raises (Contiguity asks again), neither waits for ever."""
-
-    class Consumer:
-        def __init__(self, hang_seek: bool) -> None:
-            self.hang_seek = hang_seek
-            self.sought: list[dict[TP, int]] = []
-            self._read_offset: dict[TP, int] = {}
-
-        async def earliest_offsets(self, *tps: TP) -> dict[TP, int]:
-            await asyncio.sleep(3600)
-            return {}
-
-        async def seek_wait(self, partitions: dict[TP, int]) -> None:
-            self.sought.append(dict(partitions))
-            if self.hang_seek:
-                await asyncio.sleep(3600)
-
     tp = TP("trades", 1)
 
-    async def run(hang_seek: bool) -> tuple[Any, Consumer]:
-        consumer = Consumer(hang_seek)
+    async def run(hang_seek: bool) -> tuple[Any, _SeekConsumer]:
+        consumer = _SeekConsumer(hang_earliest=True, hang_seek=hang_seek)
         try:
             return await fa.seek_back(types.SimpleNamespace(consumer=consumer), tp, 40, timeout_s=0.05), consumer
         except TimeoutError as exc:
