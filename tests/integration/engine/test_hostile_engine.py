@@ -67,9 +67,13 @@ class Engine_:
                 c.close()
         raise AssertionError("engine did not answer within 60 s")
 
-    def dealer(self, which: str) -> zmq.Socket:
+    def dealer(self, which: str, rcvhwm: int | None = None, rcvbuf: int | None = None) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        if rcvhwm is not None:  # set before connect: they apply to the pipe and socket it creates
+            sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        if rcvbuf is not None:
+            sock.setsockopt(zmq.RCVBUF, rcvbuf)
         sock.connect(self.env[f"OHS_ENGINE_{which}_ENDPOINT"])
         self.sockets.append(sock)
         return sock
@@ -164,57 +168,65 @@ def _journal_of(directory: Path, events: int) -> int:
 def test_commands_keep_their_latency_behind_ten_big_replays(env):
     """Ten queued REPLAY(1..300000) raised the gateway's latency from 1 ms to 11.8 s: the engine
     sent every replay whole before it read the next command. Now the command is answered while
-    every replay is still running (an ordering, not a time), and each replay still completes as
-    the bridge expects: EVS batches in seq order, then END with (epoch, last)."""
-    n = 6_000
+    every replay is still running, and each replay still completes as the bridge expects: EVS
+    batches in seq order, then END with (epoch, last).
+
+    The order is the engine's own record, not what this process happens to read first (it polls
+    eleven sockets, and on a loaded machine it may find an END and the OK in one poll): each END
+    carries the engine's last seq when the replay ended, so n + 1 there means the command's deposit
+    was applied before that replay ended. The replays are kept running by not reading them: each
+    client holds at most one message and a few KiB, so its replay soon meets a full pipe and waits
+    (ROUTER_MANDATORY), far short of its 10,000 events. A command stuck behind a replay would then
+    never be answered."""
+    n = 10_000
     epoch = _journal_of(Path(env["OHS_ENGINE_JOURNAL_DIR"]), n)
-    # Small slices: the ten replays together span ~7,500 loop turns of the engine (a replay turn
-    # sends its events in one message, so at the default slices they would be over before this
-    # test, on a loaded machine, has seen each of them start).
-    eng = Engine_({**env, "OHS_ENGINE_REPLAY_CHUNK": "2", "OHS_ENGINE_REPLAY_TURN_EVENTS": "8"})
+    # A Unix socket buffers ~200 KiB and a pipe 1,000 messages of one event: ~4,000 of these
+    # ~70-byte events, well short of 10,000 (loopback TCP's autotuned buffers took all of 6,000).
+    replay = f"ipc://{Path(env['OHS_ENGINE_JOURNAL_DIR']).parent / 'replay.sock'}"
+    eng = Engine_(
+        {
+            **env,
+            "OHS_ENGINE_REPLAY_ENDPOINT": replay,
+            "OHS_ENGINE_REPLAY_CHUNK": "1",
+            "OHS_ENGINE_REPLAY_TURN_EVENTS": "8",
+            # never abandoned while this test waits on the command (that would free the loop)
+            "OHS_ENGINE_REPLAY_STALL_MS": "600000",
+        }
+    )
     try:
-        clients = [eng.dealer("REPLAY") for _ in range(10)]
+        clients = [eng.dealer("REPLAY", rcvhwm=1, rcvbuf=4096) for _ in range(10)]
         for c in clients:
             c.send_multipart([b"REPLAY", QQQ.pack(epoch, 1, 300_000)])
         greedy = eng.dealer("REPLAY")  # one client, ten requests: one is served, nine refused at once
         for _ in range(10):
             greedy.send_multipart([b"REPLAY", QQQ.pack(epoch, 1, 300_000)])
-        # Wait until every replay is under way, then send a command.
+        # Every replay under way: each client has a message waiting (looked at, not read).
+        deadline = time.monotonic() + 120
+        while not all(c.poll(0) for c in clients):
+            assert time.monotonic() < deadline, "a replay never started"
+            time.sleep(0.05)
+        gw = eng.dealer("GATEWAY")
+        gw.send_multipart([b"CMD", json.dumps({"type": "deposit", "user_id": 7, "asset": "BTC", "amount": 1}).encode()])
+        assert gw.poll(60_000), "the command was not answered while ten replays waited on their readers"
+        assert gw.recv_multipart()[0] == b"OK"
         seqs: dict[int, list[int]] = {i: [] for i in range(len(clients))}
         ended: dict[int, bytes] = {}
-        order: list[str] = []
         poller = zmq.Poller()
         for c in clients:
             poller.register(c, zmq.POLLIN)
-
-        def pump(timeout_ms: int) -> None:
-            for sock, _ in poller.poll(timeout_ms):
-                i = clients.index(sock) if sock in clients else -1
+        while len(ended) < len(clients):
+            assert time.monotonic() < deadline, f"replays did not finish: {[len(s) for s in seqs.values()]}"
+            for sock, _ in poller.poll(100):
+                i = clients.index(sock)
                 while sock.poll(0):
                     frames = sock.recv_multipart()
-                    if i < 0:
-                        order.append("command")
-                        assert frames[0] == b"OK"
-                    elif frames[0] == b"END":
+                    if frames[0] == b"END":
                         ended[i] = frames[1]
-                        order.append("end")
                     else:
                         assert frames[0] == b"EVS", frames[:1]
                         seqs[i] += [decode(payload).seq for _, payload in split_batch(frames[1])[0]]
-
-        deadline = time.monotonic() + 120
-        while not all(seqs.values()):
-            assert time.monotonic() < deadline
-            pump(100)
-        gw = eng.dealer("GATEWAY")
-        poller.register(gw, zmq.POLLIN)
-        gw.send_multipart([b"CMD", json.dumps({"type": "deposit", "user_id": 7, "asset": "BTC", "amount": 1}).encode()])
-        while len(ended) < len(clients):
-            assert time.monotonic() < deadline, f"replays did not finish: {[len(s) for s in seqs.values()]}"
-            pump(100)
-        assert order[0] == "command", f"the command was answered after {order.index('command')} replays ended"
-        last = QQ.unpack(ended[0])[1]
-        assert set(ended.values()) == {QQ.pack(epoch, last)} and last == n + 1  # + the command's deposit
+        # + the command's deposit: every replay ended after the command was applied.
+        assert set(ended.values()) == {QQ.pack(epoch, n + 1)}, {QQ.unpack(v) for v in ended.values()}
         assert all(s == list(range(1, n + 1)) for s in seqs.values())
         refused = []
         while greedy.poll(1000):
