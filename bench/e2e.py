@@ -29,6 +29,7 @@ from typing import Any
 
 import click
 
+from bench import profile
 from bench.kit import Figure, engine_events, machine, metric, print_figures, proc_cpu_seconds, raw_produce_rate
 
 __all__ = ["bench_e2e", "bench_e2e_report"]
@@ -108,7 +109,9 @@ def raw_limits(n: int) -> dict[str, float]:
     }
 
 
-def run_rate(rate: float, duration: float, users: int, max_lag_s: float, workdir: Path) -> dict[str, Any]:
+def run_rate(
+    rate: float, duration: float, users: int, max_lag_s: float, workdir: Path, profile_dir: Path | None = None
+) -> dict[str, Any]:
     from streams.lag import LagError, group_lag
     from streams.migrate import migrate
     from streams.settings import WorkerSettings
@@ -172,6 +175,15 @@ def run_rate(rate: float, duration: float, users: int, max_lag_s: float, workdir
         sim = ["engine", "simulate", "--users", str(users), "--rate", str(rate), "--duration", str(duration)]
         t0 = time.monotonic()
         start("engine", [*sim, "--serve"])
+        spies: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+        if profile_dir is not None:  # the flow only: not the start, not the drain
+            profile_dir.mkdir(parents=True, exist_ok=True)
+            for name in ("worker", "bridge"):
+                out = profile_dir / f"{name}-{rate:.0f}-{tag}.txt"
+                spy = profile.start(procs[name].pid, out, duration)
+                if spy is None:
+                    raise click.ClickException("--profile needs py-spy on PATH (a dev dependency)")
+                spies[name] = (spy, out)
         drained_at = None
         while time.monotonic() - t0 < duration + 5 + 4 * max_lag_s + 60:
             time.sleep(1.0)
@@ -197,6 +209,14 @@ def run_rate(rate: float, duration: float, users: int, max_lag_s: float, workdir
         # Where the worker's time went: how large its batches grew and how long their writes took.
         batches = metric(web_port, "ohs_worker_batch_records_count")
         writes = metric(web_port, "ohs_worker_write_seconds_count")
+        profiles: dict[str, Any] = {}
+        for name, (spy, out) in spies.items():
+            try:
+                spy.wait(duration + 30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+            if out.exists():
+                profiles[name] = {"file": str(out), **profile.summarize(out)}
         worker_batches = {
             "batches": int(batches),
             "mean_records": metric(web_port, "ohs_worker_batch_records_sum") / max(batches, 1),
@@ -238,6 +258,7 @@ def run_rate(rate: float, duration: float, users: int, max_lag_s: float, workdir
         "cpu_s": cpu,
         "worker_us_per_update": 1e6 * cpu.get("worker", 0.0) / max(len(latencies), 1),
         "worker_batches": worker_batches,
+        **({"profiles": profiles} if profile_dir is not None else {}),
     }
 
 
@@ -249,6 +270,8 @@ def run_rate(rate: float, duration: float, users: int, max_lag_s: float, workdir
 @click.option("--max-lag-s", default=5.0, show_default=True, help="Lag bound of a sustained rate.")
 @click.option("--raw-events", default=30_000, show_default=True, help="Events for the raw limits.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a latency-vs-load PNG here.")
+@click.option("--profile", "profile_dir", type=click.Path(file_okay=False), default=None,
+              help="Profile the worker and bridge (py-spy) during each flow; stacks, summaries here.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True)
 def bench_e2e(
     rates: tuple[float, ...],
@@ -257,6 +280,7 @@ def bench_e2e(
     max_lag_s: float,
     raw_events: int,
     plot: str | None,
+    profile_dir: str | None,
     as_json: bool,
 ) -> None:
     """Engine -> Cassandra throughput, emit-to-queryable latency and CPU, beside raw Kafka/Cassandra."""
@@ -264,7 +288,9 @@ def bench_e2e(
     runs = []
     with tempfile.TemporaryDirectory(prefix="ohs-bench-e2e-") as tmp:
         for rate in rates:
-            runs.append(run_rate(rate, duration, users, max_lag_s, Path(tmp)))
+            runs.append(
+                run_rate(rate, duration, users, max_lag_s, Path(tmp), Path(profile_dir) if profile_dir else None)
+            )
             if not as_json:
                 click.echo(f"rate {rate:,.0f} cmd/s: {json.dumps(runs[-1], default=str)}", err=True)
     sustained = [r for r in runs if r["bounded"]]
