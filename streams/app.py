@@ -152,6 +152,8 @@ class _Runtime:
         self.cache = StateCache(settings.state_cache_users)
         self.cache_owned: set[Any] = set()
         self.updates_order = fa.Contiguity()
+        self.trades_order: fa.Contiguity | None = None
+        """The trades agent's, made anew each time that agent starts (for /health)."""
 
 
 rt = _Runtime()
@@ -463,12 +465,18 @@ async def health(web: Any, request: Any) -> Any:
     stalled = now - max(rt.last_durable, min(appeared)) if appeared else 0.0
     if stalled > settings.health_stall_s:
         problems.append(f"no durable batch for {stalled:.0f}s while records wait (lag {rt.lag})")
-    body = {
+    body: dict[str, Any] = {
         "status": "unavailable" if problems else "ok",
         "problems": problems,
         "last_durable_batch": rt.last_durable,
         "last_commit": rt.last_commit or None,
     }
+    try:  # where the consumer stands: what to look at when the worker stops making progress
+        body["not_fetched"] = fa.fetch_state(app)
+        orders = {"updates": rt.updates_order} | ({"trades": rt.trades_order} if rt.trades_order else {})
+        body["next_offsets"] = {name: guard.describe() for name, guard in orders.items()}
+    except Exception as exc:  # a diagnosis never turns a health answer into an error
+        body["consumer_state_error"] = repr(exc)
     return web.json(body, status=503 if problems else 200)
 
 
@@ -516,7 +524,7 @@ if trades_settings.trades:
             else None,
             on_retry=W.retries.inc,
         )
-        guard = fa.Contiguity()
+        guard = rt.trades_order = fa.Contiguity()
         while True:
             try:
                 events = await _take(guard, stream)

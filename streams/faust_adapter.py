@@ -456,11 +456,38 @@ class Contiguity:
         self._next[tp] = offset
         self._sought[tp] = self._clock()
 
+    def describe(self) -> dict[str, Any]:
+        """The next offset to take per partition, and the partitions sought back (for /health)."""
+        return {
+            "next": {f"{tp.topic}:{tp.partition}": n for tp, n in self._next.items()},
+            "sought": sorted(f"{tp.topic}:{tp.partition}" for tp in self._sought),
+        }
+
     def forget(self, keep: set[Any]) -> None:
         """Partitions not in ``keep`` were revoked: their next offset is the group's again."""
         for tp in [tp for tp in self._next if tp not in keep]:
             del self._next[tp]
             self._sought.pop(tp, None)
+
+
+def fetch_state(app: Any) -> dict[str, str]:
+    """Assigned partitions the consumer is not fetching, and why (Faust's own bookkeeping):
+    ``paused`` (a rebalance or a table's recovery), ``buffer_full`` (the stream's queue was over
+    its high mark; fetching resumes when it drains), or ``inactive`` (neither). Empty when every
+    assigned partition is fetched. For ``/health``: a partition that stays here while it lags is
+    why a worker stops making progress."""
+    consumer = app.consumer
+    active = consumer._active_partitions
+    if active is None:
+        return {}
+    paused, buffered = consumer._paused_partitions, consumer._buffered_partitions
+    out = {}
+    for tp in set(consumer.assignment()) - active:
+        if consumer._is_changelog_tp(tp):  # read only by a recovery: paused the rest of the time
+            continue
+        reason = "paused" if tp in paused else "buffer_full" if tp in buffered else "inactive"
+        out[f"{tp.topic}:{tp.partition}"] = reason
+    return out
 
 
 def committed_offset(app: Any) -> Callable[[Any], int | None]:

@@ -1163,3 +1163,36 @@ def test_contiguity_says_which_sought_partitions_are_overdue_until_their_record_
     assert guard.overdue() == {tp: 4}, "nothing came: the worker must seek again by itself"
     guard.admit([_ev(offset=4)], {}.get)
     assert not guard.awaiting() and guard.overdue() == {}
+
+
+def test_fetch_state_names_the_assigned_partitions_faust_does_not_fetch_and_why(tmp_path: Path) -> None:
+    """Through Faust's own bookkeeping (pause, buffer full, rebalance): if Faust renames or
+    reshapes it, this fails rather than /health going blind."""
+
+    async def run() -> None:
+        with _app(tmp_path) as app:
+            table = app.Table("t-state", partitions=3)
+            consumer = app.consumer
+            tps = {TP("updates", p) for p in range(3)}
+            changelog = TP(table.changelog_topic.get_topic_name(), 0)
+            consumer.assignment = lambda: frozenset(tps | {changelog})  # type: ignore[method-assign]
+            consumer._set_active_tps(tps | {changelog})
+            assert fa.fetch_state(app) == {}
+            consumer.pause_partitions({TP("updates", 0), changelog})
+            consumer.on_buffer_full(TP("updates", 1))
+            assert fa.fetch_state(app) == {"updates:0": "paused", "updates:1": "buffer_full"}
+            consumer.on_buffer_drop(TP("updates", 1))
+            consumer.resume_partitions({TP("updates", 0)})
+            assert fa.fetch_state(app) == {}
+            consumer._active_partitions.discard(TP("updates", 2))
+            assert fa.fetch_state(app) == {"updates:2": "inactive"}
+
+    asyncio.run(run())
+
+
+def test_contiguity_describes_its_next_offsets_and_seeks() -> None:
+    guard = fa.Contiguity(retry_s=10.0, clock=lambda: 0.0)
+    e = [types.SimpleNamespace(message=types.SimpleNamespace(tp=TP("u", 0), offset=o)) for o in (5, 6)]
+    guard.admit(e, lambda tp: 5)
+    guard.sought(TP("u", 1), 3)
+    assert guard.describe() == {"next": {"u:0": 7, "u:1": 3}, "sought": ["u:1"]}
