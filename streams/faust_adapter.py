@@ -236,21 +236,30 @@ async def kafka_reachable(bootstrap: str, timeout_s: float, auth: KafkaAuth | No
         await client.close()
 
 
-async def take_available(stream: Any, max_events: int) -> list[Any]:
+async def take_available(stream: Any, max_events: int, idle_s: float = 1.0) -> list[Any]:
     """The next batch of an agent's stream: wait for one event, then take every event already
     queued, up to ``max_events``, without waiting for more.
 
     So a caught-up worker writes each record as soon as it arrives, and batches grow only
     when records arrive faster than they are written. Every event taken is registered as
     unacknowledged with the consumer, as Faust's stream iterator does, so a rebalance waits
-    (``stream_wait_empty``) until the batch is acked or the worker gives it up.
+    (``stream_wait_empty``) until the batch is acked or the worker gives it up. While it waits
+    with an empty queue it calls ``resume_drained`` every ``idle_s``.
     """
     app = stream.app
     queue = stream.channel.queue
     add_unacked = app.consumer.unacked.add
-    first = await queue.get()
-    while not is_current(app, first.message):
-        first = await queue.get()
+    while True:
+        if not queue.empty():
+            first = await queue.get()
+        else:
+            try:
+                first = await asyncio.wait_for(queue.get(), idle_s)
+            except TimeoutError:
+                resume_drained(stream)
+                continue
+        if is_current(app, first.message):
+            break
     batch = [first]
     add_unacked(first.message)
     get_nowait, empty = queue.get_nowait, queue.empty
@@ -260,6 +269,30 @@ async def take_available(stream: Any, max_events: int) -> list[Any]:
             add_unacked(event.message)
             batch.append(event)
     return batch
+
+
+def resume_drained(stream: Any) -> list[Any]:
+    """Fetch again every partition of ``stream``'s topics that Faust stopped fetching because
+    its queue was full, now that the queue is empty; returns those it had left out.
+
+    Faust removes a partition from its fetch set when a put takes the stream's queue over its
+    high mark, and adds it back from a callback the queue runs only inside ``get`` calls. A put
+    that lands while the only reader already waits in ``get`` (or just before a rebalance
+    clears the queue) leaves the partition out with nothing queued to wake the reader: no
+    record of it is fetched again, and the worker waits with records lagging in Kafka. (A CI
+    run on 2026-12-06 ended with both agents stuck on one partition for minutes after a
+    rebalance; this is one way to get there, reproduced in ``tests/unit/streams``.)"""
+    queue = stream.channel.queue
+    if not queue.empty():
+        return []
+    queue.maybe_endorse_pressure_drop()  # the queue's own callbacks, as a get() would run them
+    consumer = stream.app.consumer
+    topics = set(getattr(stream.channel, "topics", None) or ())
+    left_out = [tp for tp in consumer._buffered_partitions if tp.topic in topics]
+    for tp in left_out:
+        log.warning("partition %s was left out of fetching with its buffer empty; fetching it again", tp)
+        consumer.on_buffer_drop(tp)
+    return left_out
 
 
 def take_queued(stream: Any, max_events: int) -> list[Any]:

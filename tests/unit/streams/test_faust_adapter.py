@@ -652,6 +652,66 @@ def test_take_available_and_take_queued_skip_what_was_fetched_before_a_rebalance
     asyncio.run(run())
 
 
+@pytest.mark.parametrize("callback", ["kept", "lost"])
+def test_a_partition_a_full_buffer_left_out_is_fetched_again_once_the_queue_is_empty(
+    tmp_path: Path, callback: str
+) -> None:
+    """Faust's conductor puts a whole fetch at once; a put over the queue's high mark removes the
+    partition from the fetch set, and only the queue's get() adds it back. Here the reader already
+    waits in get() and a rebalance clears the queue before it runs: nothing is queued to wake it,
+    so nothing of the partition was ever fetched again (the worker then waits forever with the
+    partition lagging). ``kept``: the queue still holds Faust's pressure-drop callback; ``lost``:
+    it does not (the adapter must not depend on it)."""
+
+    async def run() -> None:
+        with _app(tmp_path, stream_buffer_maxsize=8) as app:
+            stream = app.stream(app.topic("updates"))
+            assert set(stream.channel.topics) == {"updates"}, "an agent's stream channel no longer names its topics"
+            queue, consumer = stream.channel.queue, app.consumer
+            tps = {TP("updates", 0), TP("updates", 1)}
+            consumer.assignment = lambda: frozenset(tps)  # type: ignore[method-assign]
+            consumer._set_active_tps(tps)
+            full = TP("updates", 1)
+            take = asyncio.get_running_loop().create_task(fa.take_available(stream, 100, idle_s=0.05))
+            await asyncio.sleep(0.01)  # the reader waits in get()
+            for i in range(queue.pressure_high_size + 1):
+                queue.put_nowait_enhanced(
+                    faust.Event(app, b"k", b"v", [], _msg(partition=1, offset=i, generation=-1)),
+                    on_pressure_high=lambda: consumer.on_buffer_full(full),
+                    on_pressure_drop=lambda: consumer.on_buffer_drop(full),
+                )
+            queue.clear()  # the rebalance: flow control clears the queue before the reader runs
+            if callback == "lost":
+                queue._pending_pressure_drop_callbacks.clear()
+            assert fa.fetch_state(app) == {"updates:1": "buffer_full"}
+            await asyncio.sleep(0.5)
+            assert fa.fetch_state(app) == {}, "the partition is still left out of fetching"
+            assert not take.done()
+            _put(stream, faust.Event(app, b"k", b"v", [], _msg(partition=1, offset=0)))
+            assert len(await asyncio.wait_for(take, 5)) == 1
+
+    asyncio.run(run())
+
+
+def test_resume_drained_leaves_a_partition_out_while_its_queue_holds_records(tmp_path: Path) -> None:
+    async def run() -> None:
+        with _app(tmp_path) as app:
+            stream = app.stream(app.topic("updates"))
+            consumer = app.consumer
+            tp = TP("updates", 1)
+            consumer.assignment = lambda: frozenset({tp})  # type: ignore[method-assign]
+            consumer._set_active_tps({tp})
+            consumer.on_buffer_full(tp)
+            _put(stream, faust.Event(app, b"k", b"v", [], _msg(partition=1)))
+            assert fa.resume_drained(stream) == []
+            assert fa.fetch_state(app) == {"updates:1": "buffer_full"}
+            fa.take_queued(stream, 10)
+            assert fa.resume_drained(stream) == [tp]
+            assert fa.fetch_state(app) == {}
+
+    asyncio.run(run())
+
+
 def test_take_available_raises_what_the_channel_throws(tmp_path: Path) -> None:
     async def run() -> None:
         with _app(tmp_path) as app:
