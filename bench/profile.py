@@ -4,8 +4,8 @@
 flow of each rate and writes, per process, the raw collapsed stacks (``<name>-<tag>.txt``, for a
 flame graph: ``flamegraph.pl`` or speedscope read them) and a summary: the share of the samples
 whose innermost Python frame is in each component (a package of ours, a library, or a module of
-the standard library), the functions with the most such samples, and the functions most often
-on the stack at all (inclusive). py-spy samples only threads
+the standard library), the functions with the most such samples, and the project's functions
+most often on the stack at all (inclusive: what each of our steps costs with what it calls). py-spy samples only threads
 that are running Python (not idle, not in native code without Python frames above it), so the
 shares are of the Python CPU of the process, which is what a Python change can move.
 """
@@ -22,6 +22,9 @@ from typing import Any
 
 __all__ = ["component_of", "py_spy", "start", "summarize"]
 
+OURS = frozenset({"engine", "bridge", "streams", "schemas", "kit", "api", "audit", "stack", "ohs"})
+"""The project's packages: the inclusive list names only their functions (the frames above them,
+the event loop and the command line, are on every sample and say nothing)."""
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 
@@ -72,7 +75,7 @@ def summarize(path: Path, top: int = 15) -> dict[str, Any]:
         total += n
         by_component[names[-1][1]] += n
         by_function[names[-1][0]] += n
-        for name in {name for name, _ in names}:  # once per sample, however deep the recursion
+        for name in {name for name, component in names if component in OURS}:  # once per sample
             inclusive[name] += n
     share = {k: round(v / total, 4) for k, v in by_component.most_common()} if total else {}
     functions = [[k, round(v / total, 4)] for k, v in by_function.most_common(top)] if total else []

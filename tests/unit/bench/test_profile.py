@@ -36,7 +36,7 @@ def test_self_and_inclusive_shares(tmp_path):
     inclusive = dict(s["top_inclusive_functions"])
     assert inclusive["run (streams: app.py)"] == 1.0
     assert inclusive["prepare (streams: processor.py)"] == 0.8  # two lines of one function, counted once
-    assert inclusive["_run_once (stdlib:asyncio: base_events.py)"] == 0.2
+    assert "_run_once (stdlib:asyncio: base_events.py)" not in inclusive  # not ours: on every sample anyway
 
 
 @pytest.mark.skipif(py_spy() is None, reason="py-spy (a dev dependency) is not installed")
