@@ -181,8 +181,7 @@ def run_rate(
             for name in ("worker", "bridge"):
                 out = profile_dir / f"{name}-{rate:.0f}-{tag}.txt"
                 spy = profile.start(procs[name].pid, out, duration)
-                if spy is None:
-                    raise click.ClickException("--profile needs py-spy on PATH (a dev dependency)")
+                assert spy is not None, "bench_e2e checks for py-spy before any run"
                 spies[name] = (spy, out)
         drained_at = None
         while time.monotonic() - t0 < duration + 5 + 4 * max_lag_s + 60:
@@ -284,6 +283,8 @@ def bench_e2e(
     as_json: bool,
 ) -> None:
     """Engine -> Cassandra throughput, emit-to-queryable latency and CPU, beside raw Kafka/Cassandra."""
+    if profile_dir and profile.py_spy() is None:  # before minutes of raw limits, not after
+        raise click.ClickException("--profile needs py-spy (a dev dependency: pip install -e '.[dev]')")
     raw = raw_limits(raw_events)
     runs = []
     with tempfile.TemporaryDirectory(prefix="ohs-bench-e2e-") as tmp:

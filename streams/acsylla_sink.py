@@ -182,13 +182,12 @@ class AcsyllaSink(RowBuilder):
         async def one(i: int) -> None:
             request = pending.requests[i]
             async with sem:
+                call = execute_batch if hasattr(request, "add_statement") else execute
                 try:
-                    call = execute_batch if hasattr(request, "add_statement") else execute
-                    try:
-                        await asyncio.wait_for(call(request), bound)
-                    except TimeoutError:
-                        raise SinkUnavailable(f"no answer from Cassandra within {bound:.0f} s") from None
+                    await asyncio.wait_for(call(request), bound)
                     pending.done[i] = True
+                except TimeoutError:  # asyncio's bound; the driver's own timeouts are its exceptions
+                    errors.append(SinkUnavailable(f"no answer from Cassandra within {bound:.0f} s"))
                 except Exception as exc:
                     errors.append(exc)
 
