@@ -17,6 +17,7 @@ def bridge() -> None:
     from bridge.service import Bridge
     from bridge.settings import BridgeSettings
     from kit.logs import setup_logging
+    from kit.runtime import tune_gc
 
     settings = BridgeSettings()
     setup_logging(settings.log_format)
@@ -28,6 +29,7 @@ def bridge() -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     b = Bridge(settings)  # no I/O yet
+    tune_gc(settings.gc_threshold0)  # kit/runtime.py says why
     # /health answers (503 "starting") before the first attempt to reach Kafka, which may take
     # as long as Kafka is away.
     if settings.metrics_port:

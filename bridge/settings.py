@@ -8,6 +8,7 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
 from kit.auth import KafkaClientSettings
+from kit.runtime import gc_threshold0_field
 
 __all__ = ["BridgeSettings"]
 
@@ -20,6 +21,7 @@ class BridgeSettings(KafkaClientSettings):
         validation_alias=AliasChoices("OHS_BRIDGE_LOG_FORMAT", "OHS_LOG_FORMAT"),
         description="Log lines as text, or one JSON object per line.",
     )
+    gc_threshold0: int = gc_threshold0_field("OHS_BRIDGE_")
     kafka_bootstrap: str = Field(
         default="127.0.0.1:9092",
         validation_alias=AliasChoices("OHS_BRIDGE_KAFKA_BOOTSTRAP", "OHS_KAFKA_BOOTSTRAP"),

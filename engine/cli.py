@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import click
 
 from engine.settings import EngineSettings
+from kit.runtime import tune_gc
 
 if TYPE_CHECKING:
     from engine.service import EngineService
@@ -65,6 +66,7 @@ def run(settings: EngineSettings) -> None:
     from engine.service import EngineService
 
     service = EngineService(settings)
+    tune_gc(settings.gc_threshold0)  # after recovery: the recovered state is frozen too
     _serve_http(settings, service)
     stop = _Stop()
     click.echo(f"engine epoch={service.engine.epoch} last_seq={service.engine.last_seq} serving", err=True)
@@ -103,6 +105,7 @@ def simulate(
     if not 1 <= n_symbols <= len(specs):
         raise click.BadParameter(f"between 1 and {len(specs)} (configured symbols)", param_hint="--symbols")
     service = EngineService(settings)
+    tune_gc(settings.gc_threshold0)  # after recovery: the recovered state is frozen too
     _serve_http(settings, service)
     stop = _Stop()
     try:

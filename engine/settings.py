@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from kit.runtime import gc_threshold0_field
 from schemas.events import INT64_MAX
 from schemas.symbols import DEFAULT_SYMBOLS, SymbolSpec, parse_symbols
 
@@ -22,6 +23,7 @@ class EngineSettings(BaseSettings):
         validation_alias=AliasChoices("OHS_ENGINE_LOG_FORMAT", "OHS_LOG_FORMAT"),
         description="Log lines as text, or one JSON object per line.",
     )
+    gc_threshold0: int = gc_threshold0_field("OHS_ENGINE_")
     journal_dir: Path = Field(default=Path(".ohs/engine/journal"), description="Journal directory.")
     fsync: Literal["always", "interval", "never"] = Field(default="interval", description="Journal fsync policy.")
     fsync_interval_ms: int = Field(default=5, description="With fsync=interval: the most a machine crash can lose.")

@@ -32,6 +32,7 @@ from typing import Any, cast
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kit.retry import any_error, retrying
+from kit.runtime import tune_gc
 from schemas.registry import Registry
 from streams import faust_adapter as fa
 from streams.ceiling import CheckpointReader
@@ -238,6 +239,9 @@ async def start_sink() -> None:
     )
     rt.committer = fa.Committer(app, on_commit=_on_commit)
     rt.error = ""
+    # Start-up is done (Faust, the drivers, prepared statements): freeze what exists and collect
+    # less often (kit/runtime.py says why).
+    tune_gc(settings.gc_threshold0)
     rt.ready.set()
     log.info("Cassandra session open; keyspace %s migrated", settings.keyspace)
 

@@ -8,6 +8,7 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
 from kit.auth import CqlClientSettings, KafkaClientSettings
+from kit.runtime import gc_threshold0_field
 
 __all__ = ["WorkerSettings"]
 
@@ -15,6 +16,7 @@ __all__ = ["WorkerSettings"]
 class WorkerSettings(KafkaClientSettings, CqlClientSettings):
     model_config = SettingsConfigDict(env_prefix="OHS_WORKER_", frozen=True, extra="ignore")
 
+    gc_threshold0: int = gc_threshold0_field("OHS_WORKER_")
     kafka_bootstrap: str = Field(
         default="127.0.0.1:9092",
         validation_alias=AliasChoices("OHS_WORKER_KAFKA_BOOTSTRAP", "OHS_KAFKA_BOOTSTRAP"),

@@ -38,7 +38,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     # Checks the journal, Kafka and Cassandra against each other: reads each stage's own formats and settings.
     "audit": frozenset({"schemas", "engine", "bridge", "streams"}),
     # Drives the real stages (engine core, worker sink, stack processes) to measure them.
-    "bench": frozenset({"schemas", "engine", "streams", "stack"}),
+    "bench": frozenset({"schemas", "kit", "engine", "streams", "stack"}),
     # Starts local servers from jars: independent of the pipeline.
     "stack": frozenset(),
     # The command line: wires every package's commands together, so it may import all of them.
