@@ -285,6 +285,26 @@ def test_records_are_keyed_by_user_with_epoch_and_seq_headers_and_a_trade_goes_t
     assert trades > 0, "the flow had no trade between two users"
 
 
+def test_an_event_whose_header_names_another_user_is_dead_lettered_and_replayed_to_its_own_partition(
+    rig: Rig,
+) -> None:
+    """The header's keys choose the partitions, so they must be the payload's users: the copy
+    that lies is dead-lettered, and the seq it stood for comes from the replay, keyed right."""
+    s, engine, kafka, bridge = rig
+    events = engine_events(EPOCH, 400)
+    at = next(i for i, e in enumerate(events) if type(e).__name__ == "OrderUpdate")
+    target, events = events[at], events[: at + 20]
+    engine.append_events(events, skip={target.seq})
+    _header, payload = frames_of(target)
+    engine.send([pack(1, EPOCH, target.seq, target.user_id + 1), payload])
+    run_until(bridge, _at(bridge, events[-1].seq), "the events")
+    run_until(bridge, lambda: any(d.topic == s.topic_dlq for d in kafka.log), "the dead letter")
+    [dead] = [d for d in kafka.log if d.topic == s.topic_dlq]
+    assert dead.headers["reason"] == b"header_mismatch"
+    records = [d for d in kafka.log if d.topic in _event_topics(s) and int(d.headers["seq"]) == target.seq]
+    assert [(d.topic, d.key) for d in records] == [(s.topic_updates, str(target.user_id).encode())]
+
+
 def test_nothing_is_produced_until_a_ceiling_checkpoint_is_acknowledged(rig: Rig) -> None:
     from confluent_kafka import KafkaError
 
