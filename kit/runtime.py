@@ -54,6 +54,7 @@ def tune_gc(threshold0: int, freeze: bool = True) -> None:
     """Apply the collector's settings for a long-running process (``threshold0`` 700 and
     ``freeze=False`` are CPython's defaults). Call it once start-up is done."""
     if freeze:
+        gc.collect()  # garbage that exists now would be frozen with the rest, never to be freed
         gc.freeze()
     _, threshold1, threshold2 = gc.get_threshold()
     gc.set_threshold(threshold0, threshold1, threshold2)

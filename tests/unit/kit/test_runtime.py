@@ -42,6 +42,20 @@ def test_what_exists_at_start_up_is_frozen_and_what_comes_later_is_not(restore_g
     assert gc.is_tracked(late[0]) and early
 
 
+def test_garbage_of_start_up_is_collected_not_frozen(restore_gc: None) -> None:
+    import weakref
+
+    class Node:
+        def __init__(self) -> None:
+            self.other: object = self
+
+    node = Node()
+    ref = weakref.ref(node)
+    del node
+    tune_gc(GC_THRESHOLD0_DEFAULT)
+    assert ref() is None, "a cycle that was already garbage was frozen (it would never be freed)"
+
+
 def test_a_cycle_made_after_start_up_is_still_collected(restore_gc: None) -> None:
     """Raising the threshold defers collections; it must not stop them (nothing would free a cycle)."""
     tune_gc(GC_THRESHOLD0_DEFAULT)
