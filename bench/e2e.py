@@ -30,6 +30,7 @@ from typing import Any
 import click
 
 from bench import profile
+from bench.errors import BenchError
 from bench.kit import Figure, engine_events, machine, metric, print_figures, proc_cpu_seconds, raw_produce_rate
 
 __all__ = ["bench_e2e", "bench_e2e_report"]
@@ -76,8 +77,11 @@ def raw_limits(n: int) -> dict[str, float]:
     from schemas.events import OrderUpdate, Trade
     from streams.settings import WorkerSettings
 
-    s = WorkerSettings()
     events = engine_events(n)
+    updates = [e for e in events if isinstance(e, OrderUpdate)]
+    if not updates:  # the flow opens with every user's deposits: a short sample is only those
+        raise BenchError(f"the first {n:,} events of the flow hold no order update: give --raw-events 10000 or more")
+    s = WorkerSettings()
     records = [(str(e.taker_user_id if isinstance(e, Trade) else e.user_id).encode(), encode(e)) for e in events]
     topic = f"bench.e2e.raw.{uuid.uuid4().hex[:8]}"
     admin = AdminClient({"bootstrap.servers": s.kafka_bootstrap})
@@ -95,7 +99,6 @@ def raw_limits(n: int) -> dict[str, float]:
     consume = got / (time.perf_counter() - t0)
     consumer.close()
 
-    updates = [e for e in events if isinstance(e, OrderUpdate)]
     from bench.sink import raw_cassandra
 
     cassandra = raw_cassandra(len(updates))
