@@ -7,7 +7,7 @@ and up to every 100th collection is a full one, which walks every live object. M
 ``gc.callbacks``: the engine's service loop (which keeps each batch's events alive until they are
 journaled and sent) paid ~100 ms per full collection in its benchmark, a quarter of its time;
 the worker (~10^5 objects once Faust, aiokafka and the drivers are imported, more with their
-buffers and caches) 75-140 ms every few seconds, up to a third of its CPU in ``ohs bench sink``,
+buffers and caches) 75-140 ms about once a second, up to a third of its CPU in ``ohs bench sink``,
 each one a pause of its event loop (docs/benchmarks.md, sink section).
 
 Nothing here depends on the collector for correctness: reference counting frees almost
