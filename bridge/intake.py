@@ -24,8 +24,8 @@ from bridge.state import (
 )
 from bridge.tracker import SeqTracker
 from schemas.checkpoint import CeilingLease
-from schemas.codec import CodecError, decode_dict
-from schemas.events import BalanceUpdate, EventType, OrderUpdate, Trade
+from schemas.codec import EVENT_TYPES, CodecError, decode_dict
+from schemas.events import EventType
 from schemas.wire import HEARTBEAT, UNPUBLISHABLE, WireError, WireHeader, parse_marker, split_batch, unpack
 
 __all__ = ["Intake"]
@@ -107,7 +107,7 @@ class Intake(Outbox):
             # type, nothing after it (the bridge needs no event object).
             name, record = decode_dict(payload)
             if (
-                _TYPE_OF.get(name) != h.type
+                EVENT_TYPES.get(name) != h.type
                 or record.get("seq") != h.seq
                 or record.get("epoch") != h.epoch
                 or _keys(name, record) != (h.key_user_id, h.key_user_id_2)
@@ -230,13 +230,6 @@ def _check_marker(h: WireHeader, payload: bytes) -> tuple[str, str]:
     if not isinstance(doc["sha256"], str):
         return "marker field 'sha256' is not a str", ""
     return "", json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
-
-
-_TYPE_OF: dict[str, int] = {
-    OrderUpdate.__name__: EventType.ORDER_UPDATE,
-    Trade.__name__: EventType.TRADE,
-    BalanceUpdate.__name__: EventType.BALANCE_UPDATE,
-}
 
 
 def _keys(name: str, record: dict[str, object]) -> tuple[object, object]:

@@ -28,6 +28,7 @@ from schemas.errors import SchemaError
 from schemas.events import BalanceUpdate, Event, EventType, OrderUpdate, Trade, enum_fields, event_from_plain
 
 __all__ = [
+    "EVENT_TYPES",
     "MAGIC",
     "CodecError",
     "RegistryUnavailable",
@@ -70,11 +71,12 @@ _CLASSES: dict[str, type[Event]] = {
     "Trade": Trade,
     "BalanceUpdate": BalanceUpdate,
 }
-_TYPES = {
+EVENT_TYPES: dict[str, EventType] = {
     "OrderUpdate": EventType.ORDER_UPDATE,
     "Trade": EventType.TRADE,
     "BalanceUpdate": EventType.BALANCE_UPDATE,
 }
+"""Record name -> the event type the feed's header carries for it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +183,7 @@ def _classify(data: bytes, writer: _Writer) -> str:
 
 def event_type_of(data: bytes) -> EventType:
     """The event type, from the fingerprint alone (no body decoding)."""
-    return _TYPES[_writer_of(data).name]
+    return EVENT_TYPES[_writer_of(data).name]
 
 
 def decode_dict(data: bytes) -> tuple[str, dict[str, Any]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import subprocess
 import sys
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,16 +43,21 @@ def test_what_exists_at_start_up_is_frozen_and_what_comes_later_is_not(restore_g
     assert gc.is_tracked(late[0]) and early
 
 
-def test_garbage_of_start_up_is_collected_not_frozen(restore_gc: None) -> None:
-    import weakref
+class _Node:
+    def __init__(self) -> None:
+        self.other: object = self
 
-    class Node:
-        def __init__(self) -> None:
-            self.other: object = self
 
-    node = Node()
+def _dead_cycle() -> weakref.ref[_Node]:
+    """A weak reference to a cycle nothing else refers to: only the collector can free it."""
+    node = _Node()
     ref = weakref.ref(node)
     del node
+    return ref
+
+
+def test_garbage_of_start_up_is_collected_not_frozen(restore_gc: None) -> None:
+    ref = _dead_cycle()
     tune_gc(GC_THRESHOLD0_DEFAULT)
     assert ref() is None, "a cycle that was already garbage was frozen (it would never be freed)"
 
@@ -59,15 +65,7 @@ def test_garbage_of_start_up_is_collected_not_frozen(restore_gc: None) -> None:
 def test_a_cycle_made_after_start_up_is_still_collected(restore_gc: None) -> None:
     """Raising the threshold defers collections; it must not stop them (nothing would free a cycle)."""
     tune_gc(GC_THRESHOLD0_DEFAULT)
-    import weakref
-
-    class Node:
-        def __init__(self) -> None:
-            self.other: object = self
-
-    node = Node()
-    ref = weakref.ref(node)
-    del node
+    ref = _dead_cycle()
     assert ref() is not None  # a cycle: reference counting alone keeps it
     gc.collect()
     assert ref() is None
