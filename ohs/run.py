@@ -50,58 +50,52 @@ def _metric(port: int, name: str) -> float | None:
 
 
 class _WorkerLag:
-    """Records of the updates topic the worker group has not committed yet, or None when unknown.
+    """The worker group's lag on the updates topic: (records not committed yet, age in seconds of
+    the oldest of them), or None when it cannot be read. The seconds are what "the worker keeps
+    up" means (how stale what users read is); the records alone cannot say it on a flow whose
+    rate varies. Read by ``streams.lag.LagReader``: a consumer of the worker's group that never
+    subscribes, so it never joins, rebalances or commits to the group (and never calls librdkafka's
+    AdminClient ListConsumerGroupOffsets, which kills the process with SIGSEGV on a fresh cluster,
+    librdkafka #5040: the ``Segmentation fault`` of a first ``ohs run`` before)."""
 
-    Not ``streams.lag.group_lag``: that one reads the offsets with librdkafka's AdminClient
-    ListConsumerGroupOffsets, which on a fresh cluster (the group coordinator not loaded yet:
-    NOT_COORDINATOR) dereferences the admin client's absent consumer group and kills the process
-    with SIGSEGV (librdkafka #5040), or times out with a bare TimeoutError. That is the
-    ``Segmentation fault`` (rc 139) of the first ``ohs run`` on a fresh stack. A consumer of the
-    worker's group that never subscribes reads them through its own OffsetFetch path instead: it
-    never joins, rebalances or commits to the group."""
-
-    def __init__(self, bootstrap: str, group: str, topic: str) -> None:
-        from confluent_kafka import Consumer
+    def __init__(self, bootstrap: str, group: str, topic: str, config: dict[str, Any] | None = None) -> None:
+        from streams.lag import LagReader
 
         self.topic = topic
-        self.consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": group,
-                "enable.auto.commit": False,
-                "log_level": 2,  # unreachable brokers show as "n/a" in the progress line, not a log flood
-            }
-        )
+        # librdkafka logs nothing here: unreachable brokers show as "n/a" in the progress line.
+        self.reader = LagReader(bootstrap, group, config=config)
+        self.peak: tuple[int, float] = (0, 0.0)
+        """The highest lag read: (records, seconds), each its own maximum."""
 
-    def __call__(self) -> int | None:
-        from confluent_kafka import KafkaException, TopicPartition
+    def __call__(self) -> tuple[int, float] | None:
+        from streams.lag import LagError
 
         try:
-            meta = self.consumer.list_topics(self.topic, timeout=2).topics.get(self.topic)
-            if meta is None or meta.error is not None or not meta.partitions:
-                return None
-            tps = [TopicPartition(self.topic, p) for p in sorted(meta.partitions)]
-            lag = 0
-            for tp in self.consumer.committed(tps, timeout=2):
-                low, high = self.consumer.get_watermark_offsets(tp, timeout=2)
-                lag += max(0, high - (tp.offset if tp.offset >= 0 else low))
-            return lag
-        except KafkaException:
+            rows = self.reader.read([self.topic], timeout_s=2.0)
+        except LagError:
             return None
+        if not rows:
+            return None
+        lag = sum(r.lag_messages for r in rows), max(r.lag_seconds for r in rows)
+        self.peak = max(self.peak[0], lag[0]), max(self.peak[1], lag[1])
+        return lag
 
     def close(self) -> None:
-        self.consumer.close()
+        self.reader.close()
 
 
 def _count(value: int | None, width: int) -> str:
     return f"{value:>{width},}" if value is not None else f"{'n/a':>{width}}"
 
 
-def progress_line(elapsed_s: float, engine_seq: int | None, in_kafka: int | None, lag: int | None) -> str:
-    """One progress line; a figure that could not be read is "n/a", never a 0 that looks like one."""
+def progress_line(elapsed_s: float, engine_seq: int | None, in_kafka: int | None, lag: tuple[int, float] | None) -> str:
+    """One progress line; a figure that could not be read is "n/a", never a 0 that looks like one.
+    The worker's lag: records not committed yet, and the age of the oldest of them."""
+    records, seconds = lag if lag is not None else (None, None)
+    age = f"{seconds:5.1f} s" if seconds is not None else f"{'n/a':>7}"
     return (
         f"[{elapsed_s:6.1f}s] engine seq {_count(engine_seq, 9)}  in Kafka {_count(in_kafka, 9)}"
-        f"  worker lag {_count(lag, 7)}"
+        f"  worker lag {_count(records, 7)} records {age}"
     )
 
 
@@ -218,7 +212,9 @@ def run(duration: float, rate: float, users: int, seed: int, forever: bool) -> N
         start("bridge", ["bridge"])
         sim = ["engine", "simulate", "--users", str(users), "--rate", str(rate), "--duration", str(flow)]
         start("engine", [*sim, "--seed", str(seed), "--serve"])
-        worker_lag = _WorkerLag(worker_s.kafka_bootstrap, worker_s.group, worker_s.topic_updates)
+        worker_lag = _WorkerLag(
+            worker_s.kafka_bootstrap, worker_s.group, worker_s.topic_updates, worker_s.kafka_auth.librdkafka()
+        )
         last_line = ""
         drained_since = None
         while stopped["signal"] is None:
@@ -237,7 +233,8 @@ def run(duration: float, rate: float, users: int, seed: int, forever: bool) -> N
                 click.echo(line)
                 last_line = line
             flowing = time.monotonic() - t0 < flow + 5
-            drained = info is not None and in_kafka is not None and in_kafka >= info[1] and lag == 0
+            caught_up = lag is not None and lag[0] == 0
+            drained = info is not None and in_kafka is not None and in_kafka >= info[1] and caught_up
             if not flowing and drained:
                 drained_since = drained_since or time.monotonic()
                 if time.monotonic() - drained_since > 3:
@@ -250,10 +247,13 @@ def run(duration: float, rate: float, users: int, seed: int, forever: bool) -> N
         children.stop()
     if stopped["signal"] in (signal.SIGTERM, signal.SIGHUP):
         sys.exit(128 + stopped["signal"])
-    _summary(worker_s, emitted, logs, interrupted=stopped["signal"] is not None)
+    peak = worker_lag.peak if worker_lag is not None else None
+    _summary(worker_s, emitted, logs, interrupted=stopped["signal"] is not None, peak_lag=peak)
 
 
-def _summary(s: object, emitted: int | None, logs: Path, interrupted: bool = False) -> None:
+def _summary(
+    s: object, emitted: int | None, logs: Path, interrupted: bool = False, peak_lag: tuple[int, float] | None = None
+) -> None:
     from streams.settings import WorkerSettings
     from streams.sink import connect
 
@@ -275,6 +275,8 @@ def _summary(s: object, emitted: int | None, logs: Path, interrupted: bool = Fal
         click.echo(f"stopped: {emitted:,} events emitted by the engine; the pipeline may not have drained them.")
     else:
         click.echo(f"done: {emitted:,} events emitted by the engine, all in Kafka and applied by the worker.")
+    if peak_lag is not None:
+        click.echo(f"worker lag at most {peak_lag[1]:.1f} s ({peak_lag[0]:,} records) behind the engine's flow")
     if totals is not None:
         click.echo(
             f"user 1: {active[0]} open orders; {totals.orders_new} new, {totals.orders_filled} filled, "

@@ -41,6 +41,7 @@ __all__ = [
     "GroupNotFound",
     "KafkaUnreachable",
     "LagError",
+    "LagReader",
     "PartitionLag",
     "describe_lag",
     "group_lag",
@@ -55,7 +56,8 @@ _kafka_log.propagate = False
 QUIET: dict[str, Any] = {"log_level": 0, "logger": _kafka_log}
 
 _READ_RECORD_S = 5.0
-"""How long to wait for the record at a committed offset (its timestamp gives the lag in seconds)."""
+"""Longest wait for the records at the committed offsets (their timestamps give the lag in
+seconds); a read with a shorter timeout waits that long at most."""
 
 
 class LagError(StreamsError):
@@ -147,31 +149,27 @@ def describe_lag(
     extra = dict(config or {})
     consumer = _consumer(bootstrap, group, extra)
     try:
-        try:
-            metadata = consumer.list_topics(timeout=timeout_s)
-        except KafkaException as exc:
-            raise KafkaUnreachable(f"cannot reach Kafka at {bootstrap}: {_reason(exc)}") from exc
-        state, member_count = "UNKNOWN", 0
-        owners: dict[tuple[str, int], tuple[str, str, str]] = {}
-        if members:
-            state, member_count, owners = _describe(bootstrap, group, timeout_s, extra)
-        existing = {
-            name: sorted(meta.partitions)
-            for name, meta in metadata.topics.items()
-            if meta.error is None and not name.startswith("__")
-        }
-        candidates = sorted(existing) if topics is None else [t for t in topics if t in existing]
-        missing = [t for t in topics or [] if t not in existing]
-        committed = _committed(consumer, [(t, p) for t in candidates for p in existing[t]], timeout_s)
-        if topics is None:
-            wanted = {t for (t, _), off in committed.items() if off >= 0} | {t for t, _ in owners}
-            candidates = [t for t in candidates if t in wanted]
-        if members and state == "DEAD" and not any(off >= 0 for off in committed.values()):
-            raise GroupNotFound(f"consumer group {group!r} does not exist (no member, no committed offset)")
-        rows = _rows(consumer, group, [(t, p) for t in candidates for p in existing[t]], committed, owners, timeout_s)
-        return GroupLag(group, state, member_count, rows, missing)
+        return _read(consumer, bootstrap, group, topics, timeout_s, members, extra)
     finally:
         consumer.close()
+
+
+class LagReader:
+    """One group's lag read again and again through one consumer (``ohs run``'s progress line
+    reads it every second: a consumer per read would connect and fetch metadata each time).
+    The same reads as ``group_lag``: it never joins, rebalances or commits to the group."""
+
+    def __init__(self, bootstrap: str, group: str, *, config: dict[str, Any] | None = None) -> None:
+        self.bootstrap, self.group = bootstrap, group
+        self._extra = dict(config or {})
+        self._consumer = _consumer(bootstrap, group, self._extra)
+
+    def read(self, topics: list[str], timeout_s: float = 2.0) -> list[PartitionLag]:
+        """Lag of each partition of ``topics`` (those the cluster has). Raises ``LagError``."""
+        return _read(self._consumer, self.bootstrap, self.group, topics, timeout_s, False, self._extra).partitions
+
+    def close(self) -> None:
+        self._consumer.close()
 
 
 # ------------------------------------------------------------------------------ internals
@@ -191,6 +189,40 @@ def _consumer(bootstrap: str, group: str, extra: dict[str, Any]) -> Any:
             **extra,
         }
     )
+
+
+def _read(
+    consumer: Any,
+    bootstrap: str,
+    group: str,
+    topics: list[str] | None,
+    timeout_s: float,
+    members: bool,
+    extra: dict[str, Any],
+) -> GroupLag:
+    try:
+        metadata = consumer.list_topics(timeout=timeout_s)
+    except KafkaException as exc:
+        raise KafkaUnreachable(f"cannot reach Kafka at {bootstrap}: {_reason(exc)}") from exc
+    state, member_count = "UNKNOWN", 0
+    owners: dict[tuple[str, int], tuple[str, str, str]] = {}
+    if members:
+        state, member_count, owners = _describe(bootstrap, group, timeout_s, extra)
+    existing = {
+        name: sorted(meta.partitions)
+        for name, meta in metadata.topics.items()
+        if meta.error is None and not name.startswith("__")
+    }
+    candidates = sorted(existing) if topics is None else [t for t in topics if t in existing]
+    missing = [t for t in topics or [] if t not in existing]
+    committed = _committed(consumer, [(t, p) for t in candidates for p in existing[t]], timeout_s)
+    if topics is None:
+        wanted = {t for (t, _), off in committed.items() if off >= 0} | {t for t, _ in owners}
+        candidates = [t for t in candidates if t in wanted]
+    if members and state == "DEAD" and not any(off >= 0 for off in committed.values()):
+        raise GroupNotFound(f"consumer group {group!r} does not exist (no member, no committed offset)")
+    rows = _rows(consumer, group, [(t, p) for t in candidates for p in existing[t]], committed, owners, timeout_s)
+    return GroupLag(group, state, member_count, rows, missing)
 
 
 def _reason(exc: BaseException) -> str:
@@ -257,7 +289,9 @@ def _rows(
             marks.append((topic, partition, pos, start, high))
     except KafkaException as exc:
         raise KafkaUnreachable(f"cannot read watermarks: {_reason(exc)}") from exc
-    stamps = _timestamps(consumer, [(t, p, start) for t, p, _, start, end in marks if end > start])
+    stamps = _timestamps(
+        consumer, [(t, p, start) for t, p, _, start, end in marks if end > start], min(_READ_RECORD_S, timeout_s)
+    )
     out = []
     for topic, partition, pos, start, end in marks:
         lag = max(0, end - start)
@@ -268,7 +302,7 @@ def _rows(
     return out
 
 
-def _timestamps(consumer: Any, starts: list[tuple[str, int, int]]) -> dict[tuple[str, int], float]:
+def _timestamps(consumer: Any, starts: list[tuple[str, int, int]], wait_s: float) -> dict[tuple[str, int], float]:
     """Timestamp (s) of the record at each (topic, partition, offset), read by one assignment of
     them all; those not read within a few seconds are left out."""
     if not starts:
@@ -277,7 +311,7 @@ def _timestamps(consumer: Any, starts: list[tuple[str, int, int]]) -> dict[tuple
     out: dict[tuple[str, int], float] = {}
     consumer.assign([TopicPartition(t, p, off) for t, p, off in starts])
     try:
-        deadline = time.monotonic() + _READ_RECORD_S
+        deadline = time.monotonic() + wait_s
         while len(out) < len(wanted) and time.monotonic() < deadline:
             msg = consumer.poll(0.2)
             if msg is None or msg.error():

@@ -13,7 +13,7 @@ import uuid
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from streams.lag import GroupNotFound, describe_lag, group_lag
+from streams.lag import GroupNotFound, LagReader, describe_lag, group_lag
 from tests.ports import free_port
 
 pytestmark = pytest.mark.integration
@@ -51,6 +51,25 @@ def lagging(stack_endpoints, topic_factory):
     consumer.commit(offsets=[TopicPartition(topic, 0, 4)], asynchronous=False)
     yield bootstrap, topic, group, consumer
     consumer.close()
+
+
+def test_a_lag_reader_follows_the_group_through_one_consumer(lagging):
+    """``ohs run``'s progress line reads the worker's lag every second through one LagReader."""
+    bootstrap, topic, group, consumer = lagging
+    time.sleep(1.1)
+    reader = LagReader(bootstrap, group)
+    try:
+        (row,) = reader.read([topic])
+        assert (row.committed, row.lag_messages) == (4, 6) and row.lag_seconds >= 1.0
+        consumer.commit(offsets=[TopicPartition(topic, 0, 8)], asynchronous=False)
+        (row,) = reader.read([topic])
+        assert (row.committed, row.lag_messages) == (8, 2) and row.lag_seconds >= 1.0
+        consumer.commit(offsets=[TopicPartition(topic, 0, 10)], asynchronous=False)
+        (row,) = reader.read([topic])
+        assert (row.lag_messages, row.lag_seconds) == (0, 0.0)
+        assert reader.read([f"{topic}-absent"]) == []
+    finally:
+        reader.close()
 
 
 def test_lag_counts_messages_and_age_then_returns_to_zero(stack_endpoints, lagging):

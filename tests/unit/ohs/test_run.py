@@ -16,10 +16,18 @@ from ohs.run import _WorkerLag, progress_line
 
 def test_a_figure_that_cannot_be_read_is_na_never_zero() -> None:
     line = progress_line(1.6, None, None, None)
-    assert line == "[   1.6s] engine seq       n/a  in Kafka       n/a  worker lag     n/a"
+    assert line == "[   1.6s] engine seq       n/a  in Kafka       n/a  worker lag     n/a records     n/a"
     assert " 0" not in line
-    assert progress_line(12.0, 12_345, 0, 0) == "[  12.0s] engine seq    12,345  in Kafka         0  worker lag       0"
-    assert "n/a" in progress_line(3.0, 7, None, 0) and "7" in progress_line(3.0, 7, None, 0)
+    assert (
+        progress_line(12.0, 12_345, 0, (0, 0.0))
+        == "[  12.0s] engine seq    12,345  in Kafka         0  worker lag       0 records   0.0 s"
+    )
+    assert "n/a" in progress_line(3.0, 7, None, (0, 0.0)) and "7" in progress_line(3.0, 7, None, (0, 0.0))
+
+
+def test_the_worker_lag_shows_its_records_and_the_age_of_the_oldest() -> None:
+    line = progress_line(30.0, 300_000, 299_000, (16_901, 4.25))
+    assert line.endswith("worker lag  16,901 records   4.2 s")
 
 
 def test_the_worker_lag_is_unknown_when_kafka_does_not_answer() -> None:
