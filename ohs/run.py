@@ -84,6 +84,16 @@ class _WorkerLag:
         self.reader.close()
 
 
+def _healthy(port: int) -> bool:
+    """A 200 from ``/health`` on ``port`` (the worker: Cassandra open and its schema migrated;
+    the bridge: connected to Kafka, main loop running)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+            return bool(resp.status == 200)
+    except (OSError, ValueError):  # refused while starting; 503 raises HTTPError, an OSError
+        return False
+
+
 def _count(value: int | None, width: int) -> str:
     return f"{value:>{width},}" if value is not None else f"{'n/a':>{width}}"
 
@@ -152,7 +162,13 @@ class _Children:
 @click.option("--users", default=200, show_default=True)
 @click.option("--seed", default=1, show_default=True)
 @click.option("--forever", is_flag=True, help="Demo mode: keep the flow running until Ctrl-C.")
-def run(duration: float, rate: float, users: int, seed: int, forever: bool) -> None:
+@click.option(
+    "--ready-timeout",
+    default=180.0,
+    show_default=True,
+    help="Seconds the worker and the bridge may take to answer healthy before the flow starts.",
+)
+def run(duration: float, rate: float, users: int, seed: int, forever: bool, ready_timeout: float) -> None:
     """Engine simulator -> bridge -> Kafka -> Faust worker -> Cassandra, with live progress.
 
     Ctrl-C stops the flow and the processes and prints the summary; SIGTERM or SIGHUP stops the
@@ -210,8 +226,29 @@ def run(duration: float, rate: float, users: int, seed: int, forever: bool) -> N
         # are only safe in a single-threaded parent.
         start("worker", ["worker"])
         start("bridge", ["bridge"])
-        sim = ["engine", "simulate", "--users", str(users), "--rate", str(rate), "--duration", str(flow)]
-        start("engine", [*sim, "--seed", str(seed), "--serve"])
+        # The flow starts once both answer healthy: on a fresh stack the worker needs seconds to
+        # create the keyspace and join its group, and events emitted meanwhile would only queue
+        # (the first `make run` of a fresh clone measured ~20 s of lag from that start alone).
+        waiting: dict[str, int] = {"worker": worker_s.web_port, "bridge": bridge_s.metrics_port}
+        deadline = time.monotonic() + ready_timeout
+        while waiting and stopped["signal"] is None:
+            for name, port in list(waiting.items()):
+                proc = children.procs[name]
+                if proc.poll() is not None:
+                    raise click.ClickException(f"{name} exited with {proc.returncode}; see {logs / f'{name}.log'}")
+                if not port or _healthy(port):  # no port to ask (metrics off): not waited for
+                    del waiting[name]
+            if waiting and time.monotonic() > deadline:
+                raise click.ClickException(
+                    f"{' and '.join(waiting)} not healthy within {ready_timeout:.0f} s; see the logs in {logs}"
+                )
+            if waiting:
+                time.sleep(0.5)
+        if stopped["signal"] is None:
+            click.echo(f"worker and bridge healthy after {time.monotonic() - t0:.1f} s: starting the flow")
+            t0 = time.monotonic()
+            sim = ["engine", "simulate", "--users", str(users), "--rate", str(rate), "--duration", str(flow)]
+            start("engine", [*sim, "--seed", str(seed), "--serve"])
         worker_lag = _WorkerLag(
             worker_s.kafka_bootstrap, worker_s.group, worker_s.topic_updates, worker_s.kafka_auth.librdkafka()
         )

@@ -52,13 +52,17 @@ def _start_run(stack_endpoints: Any, tmp_path: Path) -> tuple[subprocess.Popen[s
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     pids: dict[str, int] = {}
     assert proc.stdout is not None
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 90
+    healthy = False
     while len(pids) < 3:
         line = proc.stdout.readline()
         assert line, f"ohs run ended before starting its children (rc {proc.poll()})"
+        healthy = healthy or line.startswith("worker and bridge healthy after")
         m = re.match(r"started (\w+) \(pid (\d+)\)", line)
         if m:
             pids[m[1]] = int(m[2])
+            # The flow's source starts only once the worker and the bridge answer healthy.
+            assert healthy == (m[1] == "engine"), (m[1], healthy)
         assert time.monotonic() < deadline
     # Past the start: the progress loop runs (its first line comes after a second or so).
     line = proc.stdout.readline()

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from ohs.run import _WorkerLag, progress_line
+from ohs.run import _healthy, _WorkerLag, progress_line
+from tests.ports import free_port
 
 
 def test_a_figure_that_cannot_be_read_is_na_never_zero() -> None:
@@ -36,6 +37,35 @@ def test_the_worker_lag_is_unknown_when_kafka_does_not_answer() -> None:
         assert lag() is None
     finally:
         lag.close()
+
+
+def test_healthy_means_a_200_from_health_and_nothing_else() -> None:
+    import http.server
+    import threading
+
+    status = {"code": 503}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            code = status["code"] if self.path == "/health" else 404
+            self.send_response(code)
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        assert not _healthy(port)  # 503: starting, or Cassandra not open yet
+        status["code"] = 200
+        assert _healthy(port)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not _healthy(free_port())  # nothing listens: not started yet
 
 
 def _alive(pid: int) -> bool:
