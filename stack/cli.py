@@ -34,7 +34,7 @@ def up_cmd(s: StackSettings, registry: bool) -> None:
     if registry:
         s = s.model_copy(update={"registry": True})
     try:
-        timings = up(s, _log)
+        timings = up(s, _log, warm=True)
     except StackError as exc:
         raise click.ClickException(str(exc)) from exc
     _log("stack is up: " + ", ".join(f"{k}={v:.1f}" for k, v in timings.items()))

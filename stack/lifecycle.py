@@ -20,6 +20,7 @@ from stack.health import cassandra_ready, kafka_ready, provision_roles, registry
 from stack.process import ManagedProcess, port_in_use, tail
 from stack.servers import ServerSpec, cassandra_spec, kafka_spec, registry_spec
 from stack.settings import StackSettings
+from stack.warmup import compiler_cpu_s, warm_up
 
 __all__ = ["ServerStatus", "down", "reset", "status", "up"]
 
@@ -58,8 +59,12 @@ def _endpoint(s: StackSettings, name: str) -> str:
     return f"{s.host}:{s.cql_port}" if name == "cassandra" else s.registry_url
 
 
-def up(s: StackSettings, log: Log = print) -> dict[str, float]:
-    """Fetch (once), start and wait for both servers. Returns timings in seconds."""
+def up(s: StackSettings, log: Log = print, *, warm: bool = False) -> dict[str, float]:
+    """Fetch (once), start and wait for both servers. Returns timings in seconds.
+
+    ``warm``: then drive the servers this call started for ``s.warmup_s`` seconds
+    (``stack.warmup``), as ``ohs stack up`` does. Tests that restart a server leave it off: a
+    restart is about recovery, not speed, and each would cost the warm-up again."""
     t0 = time.monotonic()
     s.state_dir.mkdir(parents=True, exist_ok=True)
     names = s.servers
@@ -122,6 +127,16 @@ def up(s: StackSettings, log: Log = print) -> dict[str, float]:
             )
         if pending:
             time.sleep(1.0)
+    started = set(specs) & {"kafka", "cassandra"}
+    if warm and started and s.warmup_s > 0:
+        log(f"warming up {' and '.join(sorted(started))} for {s.warmup_s:.0f}s (OHS_WARMUP_S=0 skips it)")
+        report = warm_up(s, s.warmup_s, started, log)
+        compiled = ", ".join(f"{n} {compiler_cpu_s(_process(s, n).pid() or 0):.1f}s" for n in sorted(started))
+        log(
+            f"warmed up in {report.seconds:.1f}s: {report.kafka_records:,} Kafka records, "
+            f"{report.cassandra_rows:,} Cassandra rows; JIT compiler CPU so far: {compiled}"
+        )
+        timings["warmup_s"] = report.seconds
     timings["total_s"] = time.monotonic() - t0
     return timings
 

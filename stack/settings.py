@@ -97,6 +97,13 @@ class StackSettings(BaseSettings):
     )
     start_timeout_s: float = Field(default=180.0, description="How long `up` waits for each server.")
     stop_timeout_s: float = Field(default=90.0, description="How long `down` waits before SIGKILL.")
+    warmup_s: float = Field(
+        default=45.0,
+        ge=0.0,
+        le=600.0,
+        description="Seconds `up` drives the servers it has just started through the pipeline's paths, so "
+        "their JIT compilers are done before anything is measured (stack/warmup.py); 0 skips it.",
+    )
 
     @property
     def users(self) -> dict[str, str]:

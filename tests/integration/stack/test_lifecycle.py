@@ -39,6 +39,7 @@ def private(tmp_path, stack_endpoints):
         cassandra_jmx_port=_free_port(),
         kafka_heap="512m",
         cassandra_heap="1g",
+        warmup_s=3.0,
     )
     yield s
     reset(s, log=lambda m: None)
@@ -50,7 +51,10 @@ def test_data_survives_down_up_and_up_is_idempotent(private):
     from confluent_kafka.admin import AdminClient, NewTopic
 
     logs: list[str] = []
-    up(private, logs.append)
+    timings = up(private, logs.append, warm=True)
+    # Both were started by this call: both warmed up, and what the warm-up wrote is gone.
+    assert "warmup_s" in timings and any(m.startswith("warmed up in") for m in logs), logs
+    assert not any(m.startswith("warm-up:") for m in logs), logs  # no warm-up error
     topic = f"durable-{uuid.uuid4().hex[:6]}"
     admin = AdminClient({"bootstrap.servers": private.kafka_bootstrap})
     admin.create_topics([NewTopic(topic, 2, 1)])[topic].result(30)
@@ -70,8 +74,9 @@ def test_data_survives_down_up_and_up_is_idempotent(private):
     # A second `up` with everything running starts nothing and succeeds.
     pids_before = {st.name: st.pid for st in status(private)}
     logs.clear()
-    up(private, logs.append)
+    timings = up(private, logs.append, warm=True)
     assert any("already running" in m for m in logs)
+    assert "warmup_s" not in timings, "nothing was started, so nothing is warmed up"
     assert {st.name: st.pid for st in status(private)} == pids_before
 
     down(private, lambda m: None)
