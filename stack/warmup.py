@@ -10,8 +10,11 @@ it under 4 s. So ``up`` drives both servers through the paths the pipeline uses 
 
 - Kafka: lz4-compressed, idempotent ``acks=all`` produce in small lingering batches (the
   bridge's settings), a consumer group reading them back and committing as it goes (the worker).
+- Kafka: also a compacted topic written by key (the bridge's checkpoint), and the topics'
+  creation and deletion (the controller's paths, which the pipeline's first start takes).
 - Cassandra: prepared statements with ``USING TIMESTAMP`` in UNLOGGED batches over many
-  partitions (the worker's sink): inserts, map-cell updates and row deletions.
+  partitions (the worker's sink): inserts into a narrow and a wide table, map-cell updates and
+  row deletions; tables flushed every few seconds, so sstables are written, compacted and read.
 
 Best effort: the servers are already up and healthy, so a warm-up that fails is logged and
 ``up`` still succeeds. Only the stack's own client libraries are used (the stack imports no
@@ -32,6 +35,8 @@ from stack.settings import StackSettings
 __all__ = ["WARMUP_KEYSPACE", "WARMUP_TOPIC", "WarmupReport", "compiler_cpu_s", "warm_up"]
 
 WARMUP_TOPIC = "__ohs_warmup"
+WARMUP_COMPACTED = "__ohs_warmup_compacted"
+"""Like the bridge's checkpoint topic: compacted, written by key."""
 WARMUP_KEYSPACE = "ohs_warmup"
 _CONNECT_S = 10.0
 """How long each client waits to reach its server."""
@@ -88,9 +93,15 @@ def _kafka(s: StackSettings, deadline: float, report: WarmupReport) -> None:
 
     quiet: dict[str, Any] = {"bootstrap.servers": s.kafka_bootstrap, "log_level": 0, **s.kafka_admin_config()}
     admin = AdminClient(quiet)
-    if WARMUP_TOPIC not in admin.list_topics(timeout=_CONNECT_S).topics:
+    existing = admin.list_topics(timeout=_CONNECT_S).topics
+    wanted = [
+        NewTopic(WARMUP_TOPIC, s.kafka_partitions, 1),
+        NewTopic(WARMUP_COMPACTED, 1, 1, config={"cleanup.policy": "compact", "segment.ms": "5000"}),
+    ]
+    missing = [t for t in wanted if t.topic not in existing]
+    for future in (admin.create_topics(missing) if missing else {}).values():
         try:
-            admin.create_topics([NewTopic(WARMUP_TOPIC, s.kafka_partitions, 1)])[WARMUP_TOPIC].result(30)
+            future.result(30)
         except KafkaException as exc:
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise
@@ -116,6 +127,8 @@ def _kafka(s: StackSettings, deadline: float, report: WarmupReport) -> None:
                     key = str((produced + i) % 997).encode()
                     try:
                         producer.produce(WARMUP_TOPIC, key=key, value=_VALUE)
+                        if i % 20 == 0:
+                            producer.produce(WARMUP_COMPACTED, key=key[-1:], value=_VALUE[:64])
                     except BufferError:
                         producer.poll(0.05)
                         break
@@ -129,10 +142,11 @@ def _kafka(s: StackSettings, deadline: float, report: WarmupReport) -> None:
     finally:
         consumer.close()
         report.kafka_records = read
-        try:
-            admin.delete_topics([WARMUP_TOPIC])[WARMUP_TOPIC].result(30)
-        except Exception:  # left behind is harmless: the next warm-up reuses it
-            logging.getLogger("ohs.stack").debug("warm-up topic not deleted", exc_info=True)
+        for topic, future in admin.delete_topics([WARMUP_TOPIC, WARMUP_COMPACTED]).items():
+            try:
+                future.result(30)
+            except Exception:  # left behind is harmless: the next warm-up reuses it
+                logging.getLogger("ohs.stack").debug("warm-up topic %s not deleted", topic, exc_info=True)
 
 
 def _cassandra(s: StackSettings, deadline: float, report: WarmupReport) -> None:
@@ -150,33 +164,61 @@ def _cassandra(s: StackSettings, deadline: float, report: WarmupReport) -> None:
             "WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}",
             timeout=60,
         )
+        # Flushed every few seconds, so the warm-up also writes sstables, compacts them (two are
+        # enough) and reads from them: a first `make run` compiled those paths otherwise
+        # (``jcmd <pid> Compiler.codelist`` before and after its flow).
+        options = (
+            "WITH CLUSTERING ORDER BY ({order}) AND memtable_flush_period_in_ms = 4000 "
+            "AND compaction = {{'class': 'SizeTieredCompactionStrategy', 'min_threshold': 2}}"
+        )
         session.execute(
             f"CREATE TABLE IF NOT EXISTS {WARMUP_KEYSPACE}.rows (k bigint, c bigint, s text, n bigint, "
-            "m map<bigint, blob>, PRIMARY KEY (k, c)) WITH CLUSTERING ORDER BY (c DESC)",
+            "m map<bigint, blob>, PRIMARY KEY (k, c)) " + options.format(order="c DESC"),
+            timeout=60,
+        )
+        session.execute(
+            f"CREATE TABLE IF NOT EXISTS {WARMUP_KEYSPACE}.wide (k bigint, e bigint, o bigint, "
+            + ", ".join(f"t{i} text" for i in range(6))
+            + ", "
+            + ", ".join(f"b{i} bigint" for i in range(10))
+            + ", PRIMARY KEY ((k), e, o)) "
+            + options.format(order="e DESC, o DESC"),
             timeout=60,
         )
         ks = WARMUP_KEYSPACE
         insert = session.prepare(f"INSERT INTO {ks}.rows (k, c, s, n) VALUES (?, ?, ?, ?) USING TIMESTAMP ?")
         update = session.prepare(f"UPDATE {ks}.rows USING TIMESTAMP ? SET m = m + ? WHERE k = ? AND c = ?")
         delete = session.prepare(f"DELETE FROM {ks}.rows USING TIMESTAMP ? WHERE k = ? AND c = ?")
-        written = 0
+        cols = [f"t{i}" for i in range(6)] + [f"b{i}" for i in range(10)]
+        wide = session.prepare(
+            f"INSERT INTO {ks}.wide (k, e, o, {', '.join(cols)}) VALUES ({', '.join('?' * (3 + len(cols)))}) "
+            "USING TIMESTAMP ?"
+        )
+        reads = [
+            session.prepare(f"SELECT * FROM {ks}.rows WHERE k = ? LIMIT 20"),
+            session.prepare(f"SELECT * FROM {ks}.wide WHERE k = ? LIMIT 20"),
+        ]
+        texts = ("BTC-USD", "BUY", "LIMIT", "GTC", "FILLED", "NONE")
         in_flight: list[Any] = []
         n = 0
         while time.monotonic() < deadline:
             batch = BatchStatement(batch_type=BatchType.UNLOGGED)
-            for _ in range(50):  # 150 statements over 50 partitions
+            for _ in range(50):  # 200 statements over 50 partitions
                 n += 1
                 k, c = n % 2_000, n
                 batch.add(insert, (k, c, "BTC-USD", n, n))
                 batch.add(update, (n, {n: _VALUE[:120]}, k, c))
                 batch.add(delete, (n + 1, k, c - 7))
+                batch.add(wide, (k, 1, c, *texts, *range(n, n + 10), n))
             in_flight.append(session.execute_async(batch, timeout=30))
-            if len(in_flight) >= 8:
+            if n % 1_000 == 0:
+                for read in reads:
+                    in_flight.append(session.execute_async(read, (n % 2_000,), timeout=30))
+            while len(in_flight) >= 8:
                 in_flight.pop(0).result()
-                written += 150
         for future in in_flight:
             future.result()
-            written += 150
+        written = n * 4
         report.cassandra_rows = written
         session.execute(f"DROP KEYSPACE IF EXISTS {ks}", timeout=120)
     finally:
