@@ -67,7 +67,7 @@ class _WorkerLag:
         self.peak: tuple[int, float] = (0, 0.0)
         """The highest lag read: (records, seconds), each its own maximum."""
 
-    def __call__(self) -> tuple[int, float] | None:
+    def __call__(self) -> tuple[int, float | None] | None:
         from streams.lag import LagError
 
         try:
@@ -76,9 +76,13 @@ class _WorkerLag:
             return None
         if not rows:
             return None
-        lag = sum(r.lag_messages for r in rows), max(r.lag_seconds for r in rows)
-        self.peak = max(self.peak[0], lag[0]), max(self.peak[1], lag[1])
-        return lag
+        records = sum(r.lag_messages for r in rows)
+        # A partition behind whose oldest record could not be read in time has age 0.0: unknown
+        # ("n/a" on the line), not a worker that is caught up.
+        unknown = any(r.lag_messages and not r.lag_seconds for r in rows)
+        seconds = None if unknown else max(r.lag_seconds for r in rows)
+        self.peak = max(self.peak[0], records), max(self.peak[1], seconds or 0.0)
+        return records, seconds
 
     def close(self) -> None:
         self.reader.close()
@@ -98,7 +102,9 @@ def _count(value: int | None, width: int) -> str:
     return f"{value:>{width},}" if value is not None else f"{'n/a':>{width}}"
 
 
-def progress_line(elapsed_s: float, engine_seq: int | None, in_kafka: int | None, lag: tuple[int, float] | None) -> str:
+def progress_line(
+    elapsed_s: float, engine_seq: int | None, in_kafka: int | None, lag: tuple[int, float | None] | None
+) -> str:
     """One progress line; a figure that could not be read is "n/a", never a 0 that looks like one.
     The worker's lag: records not committed yet, and the age of the oldest of them."""
     records, seconds = lag if lag is not None else (None, None)

@@ -29,6 +29,8 @@ def test_a_figure_that_cannot_be_read_is_na_never_zero() -> None:
 def test_the_worker_lag_shows_its_records_and_the_age_of_the_oldest() -> None:
     line = progress_line(30.0, 300_000, 299_000, (16_901, 4.25))
     assert line.endswith("worker lag  16,901 records   4.2 s")
+    # Records behind whose age could not be read: the age is unknown, not 0.
+    assert progress_line(31.0, 300_000, 299_000, (16_901, None)).endswith("worker lag  16,901 records     n/a")
 
 
 def test_the_worker_lag_is_unknown_when_kafka_does_not_answer() -> None:
@@ -37,6 +39,28 @@ def test_the_worker_lag_is_unknown_when_kafka_does_not_answer() -> None:
         assert lag() is None
     finally:
         lag.close()
+
+
+def test_the_worker_lag_sums_records_takes_the_oldest_age_and_keeps_its_peak() -> None:
+    from streams.lag import PartitionLag
+
+    def row(partition: int, records: int, seconds: float) -> PartitionLag:
+        return PartitionLag("g", "t", partition, 0, records, records, seconds)
+
+    class Reader:
+        rows: list[PartitionLag] = []
+
+        def read(self, topics: list[str], timeout_s: float = 2.0) -> list[PartitionLag]:
+            return self.rows
+
+    lag = _WorkerLag.__new__(_WorkerLag)
+    lag.topic, lag.reader, lag.peak = "t", Reader(), (0, 0.0)  # type: ignore[assignment]
+    Reader.rows = [row(0, 100, 1.5), row(1, 300, 4.0), row(2, 0, 0.0)]
+    assert lag() == (400, 4.0)
+    Reader.rows = [row(0, 50, 0.5), row(1, 0, 0.0)]
+    assert lag() == (50, 0.5) and lag.peak == (400, 4.0)
+    Reader.rows = [row(0, 900, 0.0)]  # behind, but its oldest record's time could not be read
+    assert lag() == (900, None) and lag.peak == (900, 4.0)
 
 
 def test_healthy_means_a_200_from_health_and_nothing_else() -> None:
