@@ -7,14 +7,13 @@ import time
 import urllib.request
 
 import pytest
-from cassandra import InvalidRequest
 
 from engine.journal import Journal
 from engine.recovery import recover
 from engine.settings import EngineSettings
 from schemas.events import OrderUpdate
 from streams.state import ALL_SYMBOLS, UserState
-from tests.integration.pipeline import Pipeline, free_port
+from tests.integration.pipeline import NOT_MIGRATED, Pipeline, free_port, not_migrated
 
 pytestmark = pytest.mark.integration
 USERS = 30
@@ -55,7 +54,9 @@ def _wait_for_stream(cql, ks, expected_seqs, timeout=180):
     while time.monotonic() < deadline:
         try:
             got = {r.seq for r in cql.execute(f"SELECT seq FROM {ks}.user_updates", timeout=60)}
-        except InvalidRequest:  # the worker has not migrated the keyspace yet
+        except NOT_MIGRATED as exc:  # the worker has not migrated the keyspace yet
+            if not not_migrated(exc):
+                raise
             time.sleep(1)
             continue
         if got >= expected_seqs:
