@@ -11,7 +11,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -60,33 +59,16 @@ def bench_engine(n: int, runs: int, as_json: bool) -> None:
     engine process (its ZeroMQ I/O thread included), which a loaded machine disturbs less."""
     import statistics
 
-    from engine.commands import PlaceOrder
     from engine.core import Engine
     from engine.service import EngineService
     from engine.settings import EngineSettings
-    from engine.simulator import FlowGenerator
+    from engine.simulator import stamped_flow
     from kit.runtime import tune_gc
 
     settings = EngineSettings(_env_file=None)  # type: ignore[call-arg]
     specs = settings.symbol_specs()
 
-    def flow() -> list:  # type: ignore[type-arg]
-        gen = FlowGenerator(specs, 1000, seed=1)
-        cmds = [replace(c, ts_ns=1) for c in gen.deposits()]
-        ts = 1
-        engine = Engine(specs, 1)
-        for c in cmds:
-            engine.execute(c)
-        for _ in range(n):
-            ts += 1000
-            c = replace(gen.next(ts), ts_ns=ts)
-            r = engine.execute(c)
-            if r.accepted and isinstance(c, PlaceOrder):
-                gen.record(c.user_id, r.order_id)
-            cmds.append(c)
-        return cmds
-
-    commands = flow()
+    commands = stamped_flow(specs, 1000, n, seed=1)
     # What an engine process does after start-up (engine/cli.py): the flow stands in for state
     # that lives as long as the process.
     tune_gc(settings.gc_threshold0)

@@ -16,11 +16,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 from engine.commands import CancelOrder, Command, Deposit, PlaceOrder, Withdraw
+from engine.core import Engine
 from engine.interfaces import SymbolSpec
 from engine.service import EngineService
 from schemas.events import OrderType, Side, TimeInForce
 
-__all__ = ["FlowGenerator", "SimulationReport", "simulate"]
+__all__ = ["FlowGenerator", "SimulationReport", "simulate", "stamped_flow"]
 
 BUY, SELL = Side.BUY, Side.SELL
 
@@ -81,6 +82,26 @@ class FlowGenerator:
         if r < 0.985:  # invalid on purpose: the engine must reject, not break
             return PlaceOrder(0, user, spec.name, side, OrderType.LIMIT, TimeInForce.GTC, 0, mid)
         return Withdraw(0, user, spec.quote, rng.randint(1, 1_000))
+
+
+def stamped_flow(symbols: list[SymbolSpec], users: int, commands: int, seed: int, step_ns: int = 1000) -> list[Command]:
+    """The seeded flow as a list, stamped ``step_ns`` apart: every user's deposits, then
+    ``commands`` commands. A scratch engine executes them as they are drawn, so cancels name
+    orders that exist (what benchmarks and tests replay into a fresh engine or service)."""
+    gen = FlowGenerator(symbols, users, seed=seed)
+    flow = [replace(c, ts_ns=1) for c in gen.deposits()]
+    engine = Engine(symbols, 1)
+    for c in flow:
+        engine.execute(c)
+    ts = 1
+    for _ in range(commands):
+        ts += step_ns
+        c = replace(gen.next(ts), ts_ns=ts)
+        r = engine.execute(c)
+        if r.accepted and isinstance(c, PlaceOrder):
+            gen.record(c.user_id, r.order_id)
+        flow.append(c)
+    return flow
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,34 +20,20 @@ from pathlib import Path
 _CHECK = textwrap.dedent(
     """
     import gc, json, sys, uuid
-    from dataclasses import replace
     from pathlib import Path
 
     import zmq
 
-    from engine.commands import PlaceOrder
     from engine.core import Engine
     from engine.service import EngineService
     from engine.settings import EngineSettings
-    from engine.simulator import FlowGenerator
+    from engine.simulator import stamped_flow
 
     tag = uuid.uuid4().hex
     ends = {f"{k}_endpoint": f"inproc://{k}-{tag}" for k in ("feed", "replay", "gateway")}
     settings = EngineSettings(_env_file=None, journal_dir=Path(sys.argv[1]), fsync="never", **ends)
     # The simulator's seeded flow: orders, crossing orders, cancels, invalid orders, withdrawals.
-    gen = FlowGenerator(settings.symbol_specs(), 200, seed=7)
-    commands = [replace(c, ts_ns=1) for c in gen.deposits()]
-    engine = Engine(settings.symbol_specs(), 1)
-    for c in commands:
-        engine.execute(c)
-    ts = 1
-    for _ in range(5_000):
-        ts += 1000
-        c = replace(gen.next(ts), ts_ns=ts)
-        r = engine.execute(c)
-        if r.accepted and isinstance(c, PlaceOrder):
-            gen.record(c.user_id, r.order_id)
-        commands.append(c)
+    commands = stamped_flow(settings.symbol_specs(), 200, 5_000, seed=7)
     service = EngineService(settings, zmq.Context.instance())
     gc.collect()
     gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector finds is kept in gc.garbage, not freed
