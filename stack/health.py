@@ -7,7 +7,7 @@ from typing import Any
 
 from stack.settings import StackSettings
 
-__all__ = ["GRANTS", "cassandra_ready", "kafka_ready", "provision_roles", "registry_ready"]
+__all__ = ["GRANTS", "cassandra_ready", "kafka_ready", "provision_roles", "registry_ready", "superuser_cluster"]
 
 HEALTH_TOPIC = "__ohs_health"
 
@@ -47,7 +47,7 @@ def cassandra_ready(s: StackSettings, timeout_s: float = 5.0) -> str | None:
     """None when ``SELECT release_version FROM system.local`` answers; else why not."""
     # The driver logs every refused connection at WARNING while the node boots.
     logging.getLogger("cassandra").setLevel(logging.CRITICAL)
-    cluster = _superuser_cluster(s, timeout_s)
+    cluster = superuser_cluster(s, timeout_s)
     try:
         session = cluster.connect()
         row = session.execute("SELECT release_version FROM system.local", timeout=timeout_s).one()
@@ -58,12 +58,15 @@ def cassandra_ready(s: StackSettings, timeout_s: float = 5.0) -> str | None:
         cluster.shutdown()
 
 
-def _superuser_cluster(s: StackSettings, timeout_s: float) -> Any:
+def superuser_cluster(s: StackSettings, timeout_s: float, protocol_version: int = 5) -> Any:
+    """A cassandra-driver Cluster of the stack's node, as its superuser when auth is on."""
     from cassandra.auth import PlainTextAuthProvider
     from cassandra.cluster import Cluster
 
     provider = PlainTextAuthProvider("cassandra", s.cassandra_superuser_password.get_secret_value()) if s.auth else None
-    return Cluster([s.host], port=s.cql_port, connect_timeout=timeout_s, protocol_version=5, auth_provider=provider)
+    return Cluster(
+        [s.host], port=s.cql_port, connect_timeout=timeout_s, protocol_version=protocol_version, auth_provider=provider
+    )
 
 
 GRANTS: dict[str, tuple[str, ...]] = {
@@ -84,7 +87,7 @@ def provision_roles(s: StackSettings, timeout_s: float = 30.0) -> None:
     (idempotent: run on every ``up``)."""
     if not s.auth:
         return
-    cluster = _superuser_cluster(s, timeout_s)
+    cluster = superuser_cluster(s, timeout_s)
     try:
         session = cluster.connect()
         for name, password in s.users.items():

@@ -24,10 +24,11 @@ package of the pipeline).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from stack.settings import StackSettings
@@ -53,14 +54,13 @@ class WarmupReport:
     """Records produced and read back."""
     cassandra_rows: int = 0
     """Statements written in batches."""
-    errors: list[str] | None = None
+    errors: list[str] = field(default_factory=list)
     """What failed (the warm-up is best effort: failures are only logged)."""
 
 
 def warm_up(s: StackSettings, seconds: float, servers: set[str], log: Callable[[str], None]) -> WarmupReport:
     """Drive the ``servers`` named ("kafka", "cassandra") for ``seconds``, in parallel; never raises."""
-    errors: list[str] = []
-    report = WarmupReport(errors=errors)
+    report = WarmupReport()
     deadline = time.monotonic() + seconds
     t0 = time.monotonic()
     jobs = {"kafka": _kafka, "cassandra": _cassandra}
@@ -71,10 +71,8 @@ def warm_up(s: StackSettings, seconds: float, servers: set[str], log: Callable[[
             try:
                 jobs[name](s, deadline, report)
             except Exception as exc:  # best effort: the stack is up either way
-                assert report.errors is not None
-                report.errors.append(
-                    f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-                )
+                first = (str(exc).splitlines() or [""])[0][:200]
+                report.errors.append(f"{name}: {type(exc).__name__}: {first}")
 
         thread = threading.Thread(target=work, name=f"warmup-{name}", daemon=True)
         thread.start()
@@ -82,7 +80,7 @@ def warm_up(s: StackSettings, seconds: float, servers: set[str], log: Callable[[
     for thread in threads:
         thread.join(seconds + 120)  # the clean-up after the deadline is bounded by its own timeouts
     report.seconds = time.monotonic() - t0
-    for err in errors:
+    for err in report.errors:
         log(f"warm-up: {err} (the stack is up; only its first minutes are slower)")
     return report
 
@@ -227,8 +225,6 @@ def _cassandra(s: StackSettings, deadline: float, report: WarmupReport) -> None:
 
 def compiler_cpu_s(pid: int) -> float:
     """CPU seconds the JIT compiler threads of JVM ``pid`` have used (0.0 if it cannot be read)."""
-    import os
-
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0
     try:
