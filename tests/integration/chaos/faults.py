@@ -23,7 +23,8 @@ def metrics(port: int) -> dict[str, float]:
     return out
 
 
-def wait_for(cond, what: str, timeout: float = 120.0) -> None:
+def wait_for(cond, what: str, timeout: float = 120.0, explain=None) -> None:  # type: ignore[no-untyped-def]
+    """Until ``cond()``; a timeout's message carries ``explain()`` (e.g. ``diagnose``) when given."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -32,7 +33,7 @@ def wait_for(cond, what: str, timeout: float = 120.0) -> None:
         except OSError:  # the process is not listening yet
             pass
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what}" + (f":\n{explain()}" if explain else ""))
         time.sleep(0.5)
 
 

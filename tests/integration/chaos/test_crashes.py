@@ -24,6 +24,7 @@ from tests.integration.chaos.faults import (
     alive,
     committed,
     cql_retry,
+    diagnose,
     finish,
     kill9,
     metrics,
@@ -105,7 +106,14 @@ def test_cassandra_killed_9_mid_batch_then_restarted(local_stack, pipeline, cql_
     killed = time.monotonic()
     retries = _worker(p, "write_retries_total")
     load.join()
-    wait_for(lambda: _worker(p, "write_retries_total") > retries, "the worker to retry the failed batch")
+    # More flow after the crash, whatever part of the load the kill came after (on a slow machine
+    # the worker may have written all of it by then): the worker must have a batch to retry.
+    p.drive(client, 300, seed=214, users=USERS)
+    wait_for(
+        lambda: _worker(p, "write_retries_total") > retries,
+        "the worker to retry the failed batch",
+        explain=lambda: diagnose(p, bootstrap),
+    )
     time.sleep(max(0.0, killed + 3 - time.monotonic()))
     before = settled_committed(bootstrap, p.group)
     time.sleep(8)  # more than two of Faust's commit intervals (2.8 s)
