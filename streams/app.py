@@ -26,6 +26,7 @@ import os
 import time
 from array import array
 from collections import deque
+from collections.abc import Callable
 from functools import partial
 from typing import Any, cast
 
@@ -277,7 +278,7 @@ async def apply_updates(stream: Any) -> None:
         try:
             if settings.batch_window_s and len(events) < settings.batch_size:
                 await asyncio.sleep(settings.batch_window_s)
-                events += fa.take_queued(stream, settings.batch_size - len(events))
+                events += fa.take_queued(stream, settings.batch_size - len(events), _skipped(rt.updates_order))
             owned = fa.assignment(app)
             if owned != rt.cache_owned:
                 # Partitions moved: another worker may have changed their users' states meanwhile.
@@ -330,16 +331,30 @@ async def _contiguous(guard: fa.Contiguity, events: list[Any], owned: set[Any]) 
     return taken
 
 
+def _skipped(guard: fa.Contiguity) -> Callable[[Any], None]:
+    """What ``fa.take_available`` calls for each message it leaves out as not current."""
+    committed = fa.committed_offset(app)
+    return lambda m: guard.skipped(m.tp, m.offset, committed)
+
+
 async def _take(guard: fa.Contiguity, stream: Any) -> list[Any]:
-    """The next events of ``stream``; while a partition sought back waits for its records, wake
-    up every ``retry_s`` to seek it again (nothing else would: no later record of it comes)."""
+    """The next events of ``stream``. Each time nothing came for ``retry_s``, seek back every
+    partition whose records the batch loop still needs and will not get otherwise: one sought
+    back whose records have not come, one with records left out as not current, and one whose
+    log ends past the next offset to take although the consumer fetched it (nothing else would:
+    no later record of it comes to show the gap)."""
+    skipped = _skipped(guard)
     while True:
-        if not guard.awaiting():
-            return await fa.take_available(stream, settings.batch_size)
         try:
-            return await asyncio.wait_for(fa.take_available(stream, settings.batch_size), guard.retry_s)
+            return await asyncio.wait_for(
+                fa.take_available(stream, settings.batch_size, skipped=skipped), guard.retry_s
+            )
         except TimeoutError:
-            await _seek_back(guard, guard.overdue())
+            guard.forget(fa.assignment(app))  # a partition revoked meanwhile is not sought
+            gaps = guard.overdue()
+            for tp, offset in guard.behind(fa.fetched_ends(stream), fa.committed_offset(app)).items():
+                gaps.setdefault(tp, offset)
+            await _seek_back(guard, gaps)
 
 
 async def _seek_back(guard: fa.Contiguity, gaps: dict[Any, int]) -> None:
@@ -537,7 +552,7 @@ if trades_settings.trades:
             try:
                 if settings.batch_window_s and len(events) < settings.batch_size:
                     await asyncio.sleep(settings.batch_window_s)
-                    events += fa.take_queued(stream, settings.batch_size - len(events))
+                    events += fa.take_queued(stream, settings.batch_size - len(events), _skipped(guard))
                 events = await _contiguous(guard, events, fa.assignment(app))
                 if events:
                     await _apply_trades(processor, committer, events)

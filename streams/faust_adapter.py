@@ -59,6 +59,7 @@ __all__ = [
     "commit_offsets",
     "committed_offset",
     "current_event",
+    "fetched_ends",
     "kafka_reachable",
     "seek_back",
     "take_available",
@@ -236,7 +237,9 @@ async def kafka_reachable(bootstrap: str, timeout_s: float, auth: KafkaAuth | No
         await client.close()
 
 
-async def take_available(stream: Any, max_events: int, idle_s: float = 1.0) -> list[Any]:
+async def take_available(
+    stream: Any, max_events: int, idle_s: float = 1.0, skipped: Callable[[Any], None] | None = None
+) -> list[Any]:
     """The next batch of an agent's stream: wait for one event, then take every event already
     queued, up to ``max_events``, without waiting for more.
 
@@ -244,7 +247,9 @@ async def take_available(stream: Any, max_events: int, idle_s: float = 1.0) -> l
     when records arrive faster than they are written. Every event taken is registered as
     unacknowledged with the consumer, as Faust's stream iterator does, so a rebalance waits
     (``stream_wait_empty``) until the batch is acked or the worker gives it up. While it waits
-    with an empty queue it calls ``resume_drained`` every ``idle_s``.
+    with an empty queue it calls ``resume_drained`` every ``idle_s``. Each message left out as
+    not current (``is_current``) is passed to ``skipped``: nothing else records that it was
+    fetched and not taken (``Contiguity.skipped`` says why that matters).
     """
     app = stream.app
     queue = stream.channel.queue
@@ -260,6 +265,8 @@ async def take_available(stream: Any, max_events: int, idle_s: float = 1.0) -> l
                 continue
         if is_current(app, first.message):
             break
+        if skipped is not None:
+            skipped(first.message)
     batch = [first]
     add_unacked(first.message)
     get_nowait, empty = queue.get_nowait, queue.empty
@@ -268,7 +275,37 @@ async def take_available(stream: Any, max_events: int, idle_s: float = 1.0) -> l
         if is_current(app, event.message):
             add_unacked(event.message)
             batch.append(event)
+        elif skipped is not None:
+            skipped(event.message)
     return batch
+
+
+def fetched_ends(stream: Any) -> dict[Any, int]:
+    """Partitions of ``stream``'s topics that this worker owns, whose consumer has fetched up to
+    the end of the log as its last fetch saw it (aiokafka's position at its highwater; no
+    broker call): {partition: that end}. ``Contiguity.behind`` compares it with the next offset
+    the batch loop needs: a record between them was fetched and never reached the loop. A
+    partition still fetching its backlog (or cut off from the broker) is left out: records it
+    has not fetched yet are not missing."""
+    consumer = stream.app.consumer
+    topics = set(getattr(stream.channel, "topics", None) or ())
+    try:
+        subscription = consumer._thread._ensure_consumer()._subscription.subscription
+        assignment = subscription.assignment if subscription is not None else None
+    except Exception:  # not started, or stopping
+        return {}
+    if assignment is None:
+        return {}
+    out: dict[Any, int] = {}
+    for tp in consumer.assignment():
+        if tp.topic not in topics:
+            continue
+        state = assignment.state_value(tp)  # aiokafka's TopicPartition hashes as Faust's TP
+        if state is None or not state.has_valid_position or state.highwater is None:
+            continue
+        if state.position >= state.highwater:
+            out[tp] = state.highwater
+    return out
 
 
 def resume_drained(stream: Any) -> list[Any]:
@@ -295,8 +332,9 @@ def resume_drained(stream: Any) -> list[Any]:
     return left_out
 
 
-def take_queued(stream: Any, max_events: int) -> list[Any]:
-    """Every event already queued for ``stream``, up to ``max_events``, without waiting."""
+def take_queued(stream: Any, max_events: int, skipped: Callable[[Any], None] | None = None) -> list[Any]:
+    """Every event already queued for ``stream``, up to ``max_events``, without waiting (``skipped``:
+    as for ``take_available``)."""
     app = stream.app
     queue = stream.channel.queue
     add_unacked = app.consumer.unacked.add
@@ -306,6 +344,8 @@ def take_queued(stream: Any, max_events: int) -> list[Any]:
         if is_current(app, event.message):
             add_unacked(event.message)
             out.append(event)
+        elif skipped is not None:
+            skipped(event.message)
     return out
 
 
@@ -436,12 +476,19 @@ class Contiguity:
     (a re-fetch after a seek: dropped, it is durable or in flight), a record above it means
     records were skipped, so the partition is sought back to it (``seek_back``) and nothing of
     it is taken until that offset arrives. ``committed`` gives the start of a partition not
-    seen yet (the group's committed offset; None: take the first record that comes)."""
+    seen yet (the group's committed offset; None: take the first record that comes).
+
+    A record ``take_available`` left out as not current (``skipped``) is seen by nothing else:
+    when it was a partition's last one, no later record shows the gap. So a partition with such
+    a record that no seek or later record has covered within ``retry_s`` is sought back too."""
 
     def __init__(self, retry_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._next: dict[Any, int] = {}
         self._sought: dict[Any, float] = {}
         """Partitions sought back to their next offset, and when: a repeat seek waits ``retry_s``."""
+        self._skipped: dict[Any, tuple[int, int, float]] = {}
+        """Partitions with records left out as not current and not taken since: (the lowest such
+        offset, the offset to seek back to, when the first was left out)."""
         self.retry_s = retry_s
         self._clock = clock
 
@@ -452,7 +499,7 @@ class Contiguity:
         taken: list[Any] = []
         dropped: list[Any] = []
         gaps: dict[Any, int] = {}
-        nxt, sought, now = self._next, self._sought, self._clock()
+        nxt, sought, skipped, now = self._next, self._sought, self._skipped, self._clock()
         for e in events:
             m = e.message
             tp, offset = m.tp, m.offset
@@ -465,6 +512,9 @@ class Contiguity:
                 taken.append(e)
                 nxt[tp] = offset + 1
                 sought.pop(tp, None)
+                left_out = skipped.get(tp)
+                if left_out is not None and offset >= left_out[0]:
+                    del skipped[tp]  # fetched again and taken in order
             elif offset < expected:
                 dropped.append(e)
             else:
@@ -474,26 +524,74 @@ class Contiguity:
                     gaps[tp] = expected
         return taken, dropped, gaps
 
+    def skipped(self, tp: Any, offset: int, committed: Callable[[Any], int | None]) -> None:
+        """A record of ``tp`` at ``offset`` was fetched and left out as not current. Normally the
+        rebalance that made it stale seeks the partition back and it comes again; if it has not
+        been taken within ``retry_s``, ``overdue`` names the partition (a quiet partition whose
+        whole backlog was left out would otherwise wait for a record that never comes: a worker
+        restarted after its flow stopped held 200 updates for good, a few restarts in a hundred)."""
+        expected = self._next.get(tp)
+        if expected is None:
+            start = committed(tp)
+            expected = start if start is not None and start >= 0 else offset
+        if offset < expected:
+            return  # taken before (a re-fetch): nothing is missing
+        first = self._skipped.get(tp)
+        if first is None:
+            self._skipped[tp] = (offset, expected, self._clock())
+        elif offset < first[0]:
+            self._skipped[tp] = (offset, min(expected, first[1]), first[2])
+
+    def behind(self, ends: dict[Any, int], committed: Callable[[Any], int | None]) -> dict[Any, int]:
+        """Partitions whose log ends (``ends``: ``fetched_ends``) past the next offset to take,
+        not already sought back: {partition: next offset}. Asked when the stream's queue has been
+        empty for ``retry_s``: the consumer fetched those records (its position is at the end)
+        and none reached the batch loop, so they were lost on the way and must be fetched again.
+        Restarts of a worker whose flow had stopped left a partition's whole backlog so, with no
+        later record to show the gap (3 of ~80 restarts in a scratch loop; the CI failure of
+        ee54af2, and the 'Still open' stalls of docs/reliability.md)."""
+        out = {}
+        for tp, end in ends.items():
+            if tp in self._sought:
+                continue  # ``overdue`` asks again for those
+            nxt = self._next.get(tp)
+            if nxt is None:
+                start = committed(tp)
+                if start is None or start < 0:
+                    continue  # never committed: where it starts is the consumer's reset policy
+                nxt = start
+            if nxt < end:
+                out[tp] = nxt
+        return out
+
     def awaiting(self) -> bool:
-        """Some partition was sought back and its next record has not come yet."""
-        return bool(self._sought)
+        """Some partition was sought back and its next record has not come yet, or has records
+        left out as not current and not taken since."""
+        return bool(self._sought or self._skipped)
 
     def overdue(self) -> dict[Any, int]:
         """Partitions sought back ``retry_s`` ago whose next record has still not come (nothing
-        after it came either, or ``admit`` would have asked again): {partition: next offset}."""
+        after it came either, or ``admit`` would have asked again), and partitions whose records
+        left out ``retry_s`` ago have not been taken since: {partition: offset to seek back to}."""
         now = self._clock()
-        return {tp: self._next[tp] for tp, since in self._sought.items() if now - since >= self.retry_s}
+        out = {tp: self._next[tp] for tp, since in self._sought.items() if now - since >= self.retry_s}
+        for tp, (_, target, since) in self._skipped.items():
+            if tp not in out and tp not in self._sought and now - since >= self.retry_s:
+                out[tp] = self._next.get(tp, target)
+        return out
 
     def sought(self, tp: Any, offset: int) -> None:
         """``tp`` was sought to ``offset`` (past ``next`` only when the records before it are gone)."""
         self._next[tp] = offset
         self._sought[tp] = self._clock()
+        self._skipped.pop(tp, None)  # the seek fetches them again; ``_sought`` watches it
 
     def describe(self) -> dict[str, Any]:
         """The next offset to take per partition, and the partitions sought back (for /health)."""
         return {
             "next": {f"{tp.topic}:{tp.partition}": n for tp, n in self._next.items()},
             "sought": sorted(f"{tp.topic}:{tp.partition}" for tp in self._sought),
+            "skipped": sorted(f"{tp.topic}:{tp.partition}" for tp in self._skipped),
         }
 
     def forget(self, keep: set[Any]) -> None:
@@ -501,6 +599,8 @@ class Contiguity:
         for tp in [tp for tp in self._next if tp not in keep]:
             del self._next[tp]
             self._sought.pop(tp, None)
+        for tp in [tp for tp in self._skipped if tp not in keep]:
+            del self._skipped[tp]
 
 
 def fetch_state(app: Any) -> dict[str, str]:

@@ -82,3 +82,50 @@ def test_contiguous_hands_on_admitted_events_and_trades_process_all_of_them(tmp_
     assert got["processed"] == [[0, 10], [0, 11]]
     assert got["committed"] == {"t/0": 12}
     assert got["all_acked"] is True
+
+
+_TAKE_PROBE = r"""
+import asyncio, json
+from types import SimpleNamespace as NS
+import streams.app as a
+
+async def main():
+    committed = {("t", 0): 10, ("t", 1): 5}
+    a.fa.committed_offset = lambda app: committed.get
+    a.fa.assignment = lambda app: {("t", 0), ("t", 1)}
+    # p0 was taken to its end (12); p1's backlog 5-8 was fetched (the consumer is at its end, 9)
+    # and never reached the queue.
+    a.fa.fetched_ends = lambda stream: {("t", 0): 12, ("t", 1): 9}
+    sought = []
+    async def seek_back(app, tp, offset):
+        sought.append([tp[1], offset])
+        return offset
+    a.fa.seek_back = seek_back
+    calls = []
+    async def take_available(stream, max_events, skipped=None):
+        calls.append(len(sought))
+        if len(calls) == 1:
+            await asyncio.sleep(60)  # the queue stays empty: _take gives up after retry_s
+        return ["the records sought back"]
+    a.fa.take_available = take_available
+    guard = a.fa.Contiguity(retry_s=0.05)
+    guard.admit([NS(message=NS(tp=("t", 0), offset=o)) for o in (10, 11)], committed.get)
+    got = await asyncio.wait_for(a._take(guard, NS()), 30)
+    print(json.dumps({"got": got, "sought": sought, "calls": calls}))
+
+asyncio.run(main())
+"""
+
+
+def test_take_seeks_back_a_partition_fetched_to_its_end_whose_records_never_came(tmp_path: Path) -> None:
+    """A restarted worker's whole backlog of a partition was fetched and never reached the queue
+    (no later record showed the gap: the CI failure of ee54af2). Once the queue has been empty
+    for ``retry_s``, the batch loop seeks that partition back to its next offset, and only it."""
+    env = {**os.environ, "OHS_WORKER_STORE": "memory://", "OHS_WORKER_DATA_DIR": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _TAKE_PROBE], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["sought"] == [[1, 5]], "p1 from its committed offset; p0 was taken to its end"
+    assert got["calls"] == [0, 1] and got["got"] == ["the records sought back"]
