@@ -34,9 +34,10 @@ from engine.journal import Journal, JournalError
 from engine.recovery import recover
 from engine.settings import EngineSettings
 from schemas.events import OrderStatus, OrderUpdate, RejectReason, Trade
-from streams.lag import describe_lag, group_lag
+from streams.lag import group_lag
 from streams.state import ALL_SYMBOLS, UserState
 from streams.trades import fills_of
+from tests.integration.chaos.faults import diagnose
 from tests.integration.pipeline import NOT_MIGRATED, Pipeline, free_port, not_migrated
 
 pytestmark = pytest.mark.integration
@@ -113,45 +114,7 @@ def wait_synced(r: Running, updates: list[OrderUpdate], timeout: float = 60.0) -
         if lag and all(pl.committed >= 0 and pl.lag_messages == 0 for pl in lag):
             return
         time.sleep(0.5)
-    raise AssertionError(f"Cassandra never caught up with the engine:\n{diagnosis(r)}")
-
-
-def diagnosis(r: Running) -> str:
-    """Why the worker is not where a test waits for it, most telling first and short (CI shows only
-    the head of the first failure): is it running, its group against the topics' ends, its /health,
-    the tail of its log, then every thread's stack."""
-
-    def attempt(what: str, fn: Any) -> str:
-        try:
-            return f"{what}: {fn()}"
-        except Exception as exc:  # a diagnosis never hides the failure it explains
-            return f"{what}: unavailable ({exc!r})"
-
-    def running() -> str:
-        proc = r.p.procs.get("worker")
-        return "not started" if proc is None else f"pid {proc.pid}, exit code {proc.poll()}"
-
-    def group() -> str:
-        lag = describe_lag(r.bootstrap, r.group, [r.p.topics["updates"], r.p.topics["trades"]])
-        rows = ", ".join(f"{t.topic.rsplit('.', 1)[-1]} p{t.partition} {t.committed}/{t.end}" for t in lag.partitions)
-        return f"state {lag.state}, {lag.members} members, {rows}"
-
-    def health() -> str:
-        port = r.worker_env["OHS_WORKER_WEB_PORT"]
-        answer = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10)
-        return f"{answer.status_code} {answer.text[:1500]}"
-
-    return "\n".join(
-        [
-            attempt("worker", running),
-            attempt("worker group (committed/end)", group),
-            attempt("worker health", health),
-            "worker log (tail):",
-            r.p.log("worker")[-2500:],
-            "worker stacks:",
-            r.p.stacks("worker"),
-        ]
-    )
+    raise AssertionError(f"Cassandra never caught up with the engine:\n{diagnose(r.p, r.bootstrap)}")
 
 
 CID_USER = 1
@@ -195,6 +158,8 @@ def running(stack_endpoints: Any, tmp_path_factory: pytest.TempPathFactory, cql_
             # The API is under test here, not the worker's table store: the in-memory one starts fastest.
             "OHS_WORKER_STORE": "memory://",
         }
+        # What ``diagnose`` reads when a test finds the worker behind.
+        p.group, p.worker_port = group, int(worker_env["OHS_WORKER_WEB_PORT"])
         p.start("worker", ["worker"], worker_env)
         p.drive(client, 1_000, seed=31, users=USERS)
         _client_ids(client)
@@ -537,7 +502,7 @@ def test_stream_holds_back_what_the_worker_has_not_stored(running: Running) -> N
     # The message first and short: a long list's diff would push the diagnosis out of CI's excerpt.
     assert seqs == [ev.seq for ev in want], (
         f"the stream gave {len(seqs)} of the user's {len(want)} new events after the worker restarted "
-        f"(first wanted {want[0].seq}, first given {seqs[:1]}):\n{diagnosis(r)}"
+        f"(first wanted {want[0].seq}, first given {seqs[:1]}):\n{diagnose(r.p, r.bootstrap)}"
     )
     # ... and back to 0 once the resumed worker has committed everything.
     deadline = time.monotonic() + 60

@@ -456,7 +456,7 @@ def finish(p, client, cql_session, bootstrap: str, seed: int, faults: int) -> No
 
 def diagnose(p, bootstrap: str) -> str:  # type: ignore[no-untyped-def]
     """Where the flow stopped, most telling first (CI shows the head and tail of a long message):
-    the engine's last seq, the bridge's watermark, the group's committed offsets against the
+    whether the worker still runs, the engine's last seq, the bridge's watermark, the group's committed offsets against the
     topic's ends, the worker's counters and health, then its log and every thread's stack."""
     from streams.lag import describe_lag
 
@@ -493,7 +493,12 @@ def diagnose(p, bootstrap: str) -> str:  # type: ignore[no-untyped-def]
         except urllib.error.HTTPError as exc:
             return f"{exc.code} {exc.read().decode(errors='replace')}"
 
+    def running() -> str:
+        proc = p.procs.get("worker")
+        return "not started" if proc is None else f"pid {proc.pid}, exit code {proc.poll()}"
+
     lines = [
+        attempt("worker process", running),
         attempt("engine last seq", lambda: p.engine_info()[1]),
         attempt("bridge watermark", lambda: metrics(p.bridge_port).get("ohs_bridge_watermark")),
         attempt("worker group", group),
