@@ -456,8 +456,9 @@ def finish(p, client, cql_session, bootstrap: str, seed: int, faults: int) -> No
 
 def diagnose(p, bootstrap: str) -> str:  # type: ignore[no-untyped-def]
     """Where the flow stopped, most telling first (CI shows the head and tail of a long message):
-    whether the worker still runs, the engine's last seq, the bridge's watermark, the group's committed offsets against the
-    topic's ends, the worker's counters and health, then its log and every thread's stack."""
+    whether the worker still runs, the engine's last seq, the bridge's watermark, the group's
+    committed offsets against the topic's ends, the worker's counters and health, then its log
+    and every thread's stack."""
     from streams.lag import describe_lag
 
     def attempt(what: str, fn) -> str:  # type: ignore[no-untyped-def]
