@@ -19,7 +19,8 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 
 # Every dependency ships manylinux wheels for CPython 3.11 (librdkafka, libzmq, libev and
 # RocksDB are bundled in them); the compiler is only a fallback for a pure sdist with an optional
-# C extension, and it stays in this stage.
+# C extension, and it stays in this stage. It also builds the engine's optional C encoder
+# (schemas/_avroc.c), which the image always has (the import check below).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential \
     && rm -rf /var/lib/apt/lists/*
@@ -52,7 +53,7 @@ COPY ohs ./ohs
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install . \
     && cd / \
-    && python -c "import api, audit, bench, bridge, engine, kit, ohs, schemas, stack, streams, streams.app" \
+    && python -c "import api, audit, bench, bridge, engine, kit, ohs, schemas, schemas._avroc, stack, streams, streams.app" \
     && ohs --help > /dev/null
 
 # ---------------------------------------------------------------------------- runtime

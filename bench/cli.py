@@ -56,7 +56,8 @@ def bench() -> None:
 def bench_engine(n: int, runs: int, as_json: bool) -> None:
     """Commands/s of the pure core, and of core + journal (fsync every 5 ms) + PUB feed with one and
     with two subscribers draining it in their own processes. Each figure also in CPU time of the
-    engine process (its ZeroMQ I/O thread included), which a loaded machine disturbs less."""
+    engine process (its ZeroMQ I/O thread included), which a loaded machine disturbs less. With the
+    C encoder built (schemas/_avroc.c), the one-subscriber figure again with the Python encoder."""
     import statistics
 
     from engine.core import Engine
@@ -64,9 +65,11 @@ def bench_engine(n: int, runs: int, as_json: bool) -> None:
     from engine.settings import EngineSettings
     from engine.simulator import stamped_flow
     from kit.runtime import tune_gc
+    from schemas import wire
 
     settings = EngineSettings(_env_file=None)  # type: ignore[call-arg]
     specs = settings.symbol_specs()
+    native_built = wire.use_native(True)
 
     commands = stamped_flow(specs, 1000, n, seed=1)
     # What an engine process does after start-up (engine/cli.py): the flow stands in for state
@@ -86,7 +89,14 @@ def bench_engine(n: int, runs: int, as_json: bool) -> None:
         events_per_run = events
         return len(commands) / (time.perf_counter() - t0)
 
-    def full(consumers: int) -> float:
+    def full(consumers: int, native: bool = True) -> float:
+        was = wire.use_native(native)
+        try:
+            return _full(consumers, f"full{consumers}" + ("" if native else "py"))
+        finally:
+            wire.use_native(was)
+
+    def _full(consumers: int, key: str) -> float:
         with tempfile.TemporaryDirectory() as tmp:
             port_base = 27_000
             s = EngineSettings(
@@ -113,7 +123,7 @@ def bench_engine(n: int, runs: int, as_json: bool) -> None:
                 service.submit(commands[i : i + 1000])
             service.journal.sync()
             rate = len(commands) / (time.perf_counter() - t0)
-            cpu.setdefault(f"full{consumers}", []).append(len(commands) / (time.process_time() - c0))
+            cpu.setdefault(key, []).append(len(commands) / (time.process_time() - c0))
             stop.set()
             for peer, _ in peers:
                 peer.join(10)
@@ -125,6 +135,9 @@ def bench_engine(n: int, runs: int, as_json: bool) -> None:
     core_med, core_runs = median_of(runs, core)
     one_med, one_runs = median_of(runs, lambda: full(1))
     two_med, two_runs = median_of(runs, lambda: full(2))
+    # The same without the C encoder (an optional build): what it saves, and what a machine
+    # without a compiler gets.
+    py_med, py_runs = median_of(runs, lambda: full(1, native=False)) if native_built else (0.0, [])
     ONE = "core+journal+feed, 1 subscriber, commands/s"
     ONE_CPU = "core+journal+feed, 1 subscriber, cmd per CPU-s"
 
@@ -138,9 +151,19 @@ def bench_engine(n: int, runs: int, as_json: bool) -> None:
             Figure("core events/s", core_med * events_per_run / len(commands), "ev/s"),
             Figure(ONE, one_med, "cmd/s", one_runs, CORE),
             Figure("core+journal+feed, 2 subscribers, commands/s", two_med, "cmd/s", two_runs, ONE),
+            *(
+                [Figure("core+journal+feed, 1 subscriber, Python encoder, commands/s", py_med, "cmd/s", py_runs, CORE)]
+                if native_built
+                else []
+            ),
             Figure(CORE_CPU, med("core"), "cmd/s", cpu["core"]),
             Figure(ONE_CPU, med("full1"), "cmd/s", cpu["full1"], CORE_CPU),
             Figure("core+journal+feed, 2 subscribers, cmd per CPU-s", med("full2"), "cmd/s", cpu["full2"], ONE_CPU),
+            *(
+                [Figure("the same, Python encoder, cmd per CPU-s", med("full1py"), "cmd/s", cpu["full1py"], CORE_CPU)]
+                if native_built
+                else []
+            ),
         ],
         as_json,
     )

@@ -41,6 +41,7 @@ __all__ = [
     "canonical_form",
     "crc64_avro",
     "current_fingerprint",
+    "current_layout",
     "decode",
     "encode",
     "encoder_for",
@@ -337,6 +338,21 @@ def writers() -> dict[int, Writer]:
 
 def current_fingerprint(cls: type[Event]) -> int:
     return _CURRENT[cls].fingerprint
+
+
+def current_layout(cls: type[Event]) -> tuple[bytes, tuple[tuple[str, str, tuple[tuple[object, bytes], ...]], ...]]:
+    """(single-object header, ((field, kind, ((enum member, its encoded index), ...)), ...)) of the
+    current writer of ``cls``: what ``schemas.wire`` hands the optional C encoder, which must write
+    exactly the bytes this module writes."""
+    w = _CURRENT[cls]
+    enums = field_enums(cls)
+    out = []
+    for name, kind, symbols in w.layout:
+        members: tuple[tuple[object, bytes], ...] = ()
+        if kind == "enum":
+            members = tuple((m, _zigzag_varint(symbols.index(m.value))) for m in enums[name] if m.value in symbols)
+        out.append((name, kind, members))
+    return w.header, tuple(out)
 
 
 def encoder_for(cls: type[Event]) -> Callable[[Event], bytes]:

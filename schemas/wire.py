@@ -37,7 +37,12 @@ from dataclasses import dataclass, fields
 
 from schemas.errors import SchemaError
 from schemas.events import INT64_MAX, INT64_MIN, BalanceUpdate, Event, EventType, OrderUpdate, Trade, enum_fields
-from schemas.stdavro import framed_encoder
+from schemas.stdavro import current_layout, framed_encoder
+
+try:  # the optional C build of the hot path's encoder (pyproject.toml); absent, Python does it all
+    from schemas import _avroc
+except ImportError:  # pragma: no cover - depends on the build
+    _avroc = None  # type: ignore[assignment]
 
 __all__ = [
     "ENTRY",
@@ -62,6 +67,7 @@ __all__ = [
     "split_batch",
     "unpack",
     "unpublishable",
+    "use_native",
 ]
 
 MAGIC = b"OH"
@@ -277,9 +283,43 @@ _ENTRIES: dict[type[object], Callable[[Event], bytes]] = {cls: _entry_builder(cl
 _MAX_ENTRY = ENTRY.size + MAX_EVENT_BYTES
 
 
+def _configure_native() -> Callable[[Sequence[Event]], bytes | None] | None:
+    """The C encoder set up with the current writers' layouts, or None without the build."""
+    if _avroc is None:
+        return None
+    codes = {"long": 0, "string": 1, "enum": 2}
+    kinds = {OrderUpdate: EventType.ORDER_UPDATE, Trade: EventType.TRADE, BalanceUpdate: EventType.BALANCE_UPDATE}
+    specs = []
+    for cls, keys in _KEYS.items():
+        header, layout = current_layout(cls)  # type: ignore[arg-type]
+        fields_ = tuple((name, codes[kind], members) for name, kind, members in layout)
+        specs.append((cls, int(kinds[cls]), header, keys[2:], fields_))
+    _avroc.configure(tuple(specs), MAX_EVENT_BYTES, VERSION)
+    return _avroc.encode_entries
+
+
+_NATIVE = _configure_native()
+_native = _NATIVE
+
+
+def use_native(enabled: bool) -> bool:
+    """Encode with the C build (the default when it is built) or in Python only (benchmarks and
+    tests compare the two); returns whether the C encoder is now in use."""
+    global _native
+    _native = _NATIVE if enabled else None
+    return _native is not None
+
+
 def encode_events(events: Sequence[Event]) -> tuple[bytes, list[bytes] | None]:
     """(the events' entries, concatenated; the JSON of each one sent as a marker, or None when
-    every event can be published): what the journal stores and the feed sends, encoded once."""
+    every event can be published): what the journal stores and the feed sends, encoded once.
+
+    The C encoder takes the batch when every event is an ordinary one; anything else (it answers
+    None) is encoded here, where the markers are made."""
+    if _native is not None:
+        out = _native(events)
+        if out is not None:
+            return out, None
     parts = []
     json_records: list[bytes] | None = None
     entries = _ENTRIES
