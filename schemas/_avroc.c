@@ -371,9 +371,88 @@ static PyObject *configure(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ------------------------------------------------------------------------------------ builders
+ * ``slots_constructor(cls, names)``: a positional constructor of the slots class ``cls`` that
+ * stores each argument in the slot of the same position, what schemas.events.fast_constructor
+ * does in Python through a mutable twin and a ``__class__`` assignment (~0.5 us for an
+ * OrderUpdate; this is a fraction of it). No __init__ runs, exactly as with the Python one. */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyTypeObject *cls;
+    Py_ssize_t n;
+    Py_ssize_t offsets[MAX_FIELDS];
+} Builder;
+
+static PyObject *builder_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    Builder *b = (Builder *)self;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if ((kwnames && PyTuple_GET_SIZE(kwnames)) || nargs != b->n) {
+        PyErr_Format(PyExc_TypeError, "%s() takes exactly %zd positional arguments (%zd given%s)", b->cls->tp_name,
+                     b->n, nargs, kwnames && PyTuple_GET_SIZE(kwnames) ? ", and keywords" : "");
+        return NULL;
+    }
+    PyObject *obj = b->cls->tp_alloc(b->cls, 0);
+    if (!obj) return NULL;
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        PyObject **slot = (PyObject **)((char *)obj + b->offsets[i]);
+        *slot = Py_NewRef(args[i]); /* a fresh object's slots are NULL */
+    }
+    return obj;
+}
+
+static void builder_dealloc(PyObject *self) {
+    Py_XDECREF(((Builder *)self)->cls);
+    PyObject_Free(self);
+}
+
+static PyTypeObject BuilderType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "schemas._avroc.SlotsConstructor",
+    .tp_basicsize = sizeof(Builder),
+    .tp_dealloc = builder_dealloc,
+    .tp_vectorcall_offset = offsetof(Builder, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "A positional constructor of a slots class (schemas._avroc.slots_constructor).",
+};
+
+static PyObject *slots_constructor(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *cls, *names;
+    if (!PyArg_ParseTuple(args, "O!O!", &PyType_Type, &cls, &PyTuple_Type, &names)) return NULL;
+    PyTypeObject *t = (PyTypeObject *)cls;
+    Py_ssize_t n = PyTuple_GET_SIZE(names);
+    if (n < 1 || n > MAX_FIELDS || t->tp_dictoffset != 0 || !t->tp_alloc) {
+        PyErr_SetString(PyExc_ValueError, "not a slots class of 1 to 64 fields without a __dict__");
+        return NULL;
+    }
+    Builder *b = PyObject_New(Builder, &BuilderType);
+    if (!b) return NULL;
+    b->vectorcall = builder_vectorcall;
+    b->cls = (PyTypeObject *)Py_NewRef(cls);
+    b->n = n;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *name = PyTuple_GET_ITEM(names, i);
+        b->offsets[i] = PyUnicode_Check(name) ? slot_offset(t, name) : -1;
+        if (b->offsets[i] < 0) {
+            PyErr_Format(PyExc_ValueError, "%R is not an object slot of %s itself", name, t->tp_name);
+            Py_DECREF(b);
+            return NULL;
+        }
+        for (Py_ssize_t j = 0; j < i; j++) {
+            if (b->offsets[j] == b->offsets[i]) {
+                PyErr_Format(PyExc_ValueError, "%R is named twice", name);
+                Py_DECREF(b);
+                return NULL;
+            }
+        }
+    }
+    return (PyObject *)b;
+}
+
 static PyMethodDef methods[] = {
     {"encode_entries", encode_entries, METH_O, "The feed entries of the events, concatenated; None if any is not for the fast path."},
     {"configure", configure, METH_VARARGS, "configure(specs, max_record, version): the writers' layouts."},
+    {"slots_constructor", slots_constructor, METH_VARARGS, "slots_constructor(cls, names): a positional constructor."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -383,5 +462,6 @@ PyMODINIT_FUNC PyInit__avroc(void) {
     s_epoch = PyUnicode_InternFromString("epoch");
     s_seq = PyUnicode_InternFromString("seq");
     if (!s_epoch || !s_seq) return NULL;
+    if (PyType_Ready(&BuilderType) < 0) return NULL;
     return PyModule_Create(&moduledef);
 }

@@ -1,5 +1,6 @@
-"""The optional C encoder (schemas/_avroc.c) writes exactly the entries the Python encoder writes,
-and hands back (None) every batch it must not encode, which Python then encodes, markers included.
+"""The optional C build (schemas/_avroc.c): its encoder writes exactly the entries the Python
+encoder writes, and hands back (None) every batch it must not encode, which Python then encodes,
+markers included; its constructor builds the very objects the Python twin builds.
 
 Without the build these tests skip, unless OHS_REQUIRE_NATIVE=1 (CI sets it: there the build must
 not fail unnoticed)."""
@@ -7,12 +8,16 @@ not fail unnoticed)."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
+import pickle
+import sys
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine.commands import CommandResult
 from engine.core import Engine
 from engine.settings import EngineSettings
 from engine.simulator import stamped_flow
@@ -27,6 +32,8 @@ from schemas.events import (
     Side,
     TimeInForce,
     Trade,
+    fast_constructor,
+    python_constructor,
 )
 from tests.unit.schemas.test_stdavro import EDGES, events, text
 
@@ -176,3 +183,86 @@ def test_use_native_switches_the_path():
     finally:
         assert wire.use_native(True) is True
     assert wire._native is native
+
+
+# ------------------------------------------------------------------------------- constructor
+SAMPLES = [
+    OrderUpdate(
+        1,
+        2,
+        3,
+        4,
+        "c-1",
+        5,
+        "BTC-USD",
+        Side.BUY,
+        OrderType.LIMIT,
+        TimeInForce.GTC,
+        10,
+        11,
+        0,
+        0,
+        11,
+        0,
+        OrderStatus.NEW,
+        RejectReason.NONE,
+        0,
+        0,
+        0,
+        3,
+        3,
+        0,
+        1,
+    ),
+    Trade(1, 3, 4, 7, "BTC-USD", 10, 2, 20, Side.SELL, 8, 9, 5, 6, 1, 2),
+    GOOD,
+    CommandResult(True, RejectReason.NONE, 4, (GOOD,)),
+]
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=lambda s: type(s).__name__)
+def test_the_c_constructor_builds_what_the_class_and_the_python_twin_build(sample):
+    cls = type(sample)
+    values = [getattr(sample, f.name) for f in dataclasses.fields(cls)]
+    built = fast_constructor(cls)
+    assert type(built).__name__ == "SlotsConstructor"  # the C one is in use
+    a, b = built(*values), python_constructor(cls)(*values)
+    for ev in (a, b):
+        assert type(ev) is cls
+        assert ev == sample and hash(ev) == hash(sample) and repr(ev) == repr(sample)
+        assert pickle.loads(pickle.dumps(ev)) == sample
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(ev, dataclasses.fields(cls)[0].name, 99)
+        assert dataclasses.replace(ev) == sample
+
+
+def test_the_c_constructor_takes_exactly_every_field_positionally():
+    build = fast_constructor(BalanceUpdate)
+    values = [getattr(GOOD, f.name) for f in dataclasses.fields(BalanceUpdate)]
+    with pytest.raises(TypeError, match="exactly 11"):
+        build(*values[:-1])
+    with pytest.raises(TypeError, match="keywords"):
+        build(*values[:-1], ref_id=0)
+
+
+def test_the_c_constructor_refuses_what_is_not_a_slots_class():
+    class Plain:
+        pass
+
+    with pytest.raises(ValueError):
+        _avroc.slots_constructor(Plain, ("x",))
+    with pytest.raises(ValueError, match="not an object slot"):
+        _avroc.slots_constructor(BalanceUpdate, ("epoch", "nope"))
+    with pytest.raises(ValueError, match="twice"):
+        _avroc.slots_constructor(BalanceUpdate, ("epoch", "epoch"))
+
+
+def test_the_c_constructor_holds_one_reference_per_slot_and_frees_it():
+    build = fast_constructor(BalanceUpdate)
+    asset = "".join(["U", "SD"])  # not interned: only this test refers to it
+    before = sys.getrefcount(asset)
+    built = [build(1, i, 3, 4, asset, 5, 6, 7, 8, BalanceReason.DEPOSIT, 0) for i in range(1000)]
+    assert sys.getrefcount(asset) == before + 1000
+    assert all(gc.is_tracked(b) for b in built[:10])  # found by the cycle collector like any instance
+    del built
+    assert sys.getrefcount(asset) == before
