@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 import sys
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from functools import cache
 from pathlib import Path
 
@@ -59,6 +59,11 @@ PURE = frozenset(
     }
 )
 
+# C builds with a Python fallback (pyproject.toml's optional ext-modules): the pure core may use one
+# only where it imports it inside ``try`` with ``except ImportError`` and goes on in Python without
+# it; tests/unit/schemas/test_native.py proves both give the same results.
+OPTIONAL_NATIVE = frozenset({"schemas._avroc"})
+
 # Run as a script in other virtualenvs (``ohs bench drivers``): nothing of the project is there.
 STANDALONE = frozenset({"bench.drivers"})
 
@@ -75,8 +80,12 @@ def _is_module(dotted: str) -> bool:
 
 def imports_of(path: Path, module: str) -> Iterator[str]:
     """Every module ``path`` imports, absolute (``from a import b`` is ``a.b`` when b is a module)."""
+    yield from _imports_in(ast.walk(ast.parse(path.read_text(), str(path))), path, module)
+
+
+def _imports_in(nodes: Iterable[ast.AST], path: Path, module: str) -> Iterator[str]:
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in nodes:
         if isinstance(node, ast.Import):
             yield from (alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -89,6 +98,17 @@ def imports_of(path: Path, module: str) -> Iterator[str]:
             for alias in node.names:
                 if _is_module(f"{target}.{alias.name}"):
                     yield f"{target}.{alias.name}"
+
+
+def guarded_imports(path: Path, module: str) -> frozenset[str]:
+    """The modules ``path`` imports inside a ``try`` whose handler catches ImportError."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Try) and any(
+            isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError") for h in node.handlers
+        ):
+            out.update(_imports_in((n for stmt in node.body for n in ast.walk(stmt)), path, module))
+    return frozenset(out)
 
 
 @cache
@@ -145,13 +165,20 @@ def find_cycle(graph: Mapping[str, set[str]]) -> list[str] | None:
     return None
 
 
-def impure(modules: Mapping[str, frozenset[str]], pure: frozenset[str]) -> list[str]:
-    """Imports of the pure modules that are neither the standard library nor another pure module."""
+def impure(
+    modules: Mapping[str, frozenset[str]], pure: frozenset[str], fallbacks: Mapping[str, frozenset[str]] | None = None
+) -> list[str]:
+    """Imports of the pure modules that are neither the standard library nor another pure module,
+    nor an optional C build the module imports with a fallback (``fallbacks``: module -> those)."""
+    fallbacks = fallbacks or {}
     return sorted(
         f"{module} imports {target}"
         for module in pure
         for target in modules[module]
-        if target.split(".")[0] not in sys.stdlib_module_names and target not in pure and target != "schemas"
+        if target.split(".")[0] not in sys.stdlib_module_names
+        and target not in pure
+        and target != "schemas"
+        and target not in fallbacks.get(module, frozenset()) & OPTIONAL_NATIVE
     )
 
 
@@ -170,7 +197,11 @@ def test_the_packages_import_no_cycle():
 
 
 def test_the_pure_core_imports_only_the_standard_library():
-    assert impure(module_imports(), PURE) == []
+    fallbacks = {}
+    for module in PURE:
+        path = ROOT.joinpath(*module.split(".")).with_suffix(".py")
+        fallbacks[module] = guarded_imports(path, module)
+    assert impure(module_imports(), PURE, fallbacks) == []
 
 
 def test_standalone_scripts_import_nothing_of_the_project():
@@ -210,6 +241,26 @@ def test_the_checks_catch_what_they_are_for():
         "engine.core imports pydantic",
         "engine.core imports schemas.codec",
     ]
+    native = {"engine.core": frozenset({"schemas._avroc"})}
+    assert impure({"engine.core": frozenset({"schemas._avroc"})}, frozenset({"engine.core"})) == [
+        "engine.core imports schemas._avroc"
+    ]
+    assert impure({"engine.core": frozenset({"schemas._avroc"})}, frozenset({"engine.core"}), native) == []
+
+
+@pytest.mark.parametrize(
+    ("source", "want"),
+    [
+        ("try:\n    from schemas._avroc import f\nexcept ImportError:\n    f = None", {"schemas._avroc"}),
+        ("try:\n    import schemas._avroc\nexcept (ImportError, OSError):\n    pass", set()),  # not a plain handler
+        ("from schemas._avroc import f", set()),
+        ("try:\n    from schemas._avroc import f\nexcept ValueError:\n    pass", set()),
+    ],
+)
+def test_an_optional_build_counts_only_when_imported_with_a_fallback(tmp_path, source, want):
+    path = tmp_path / "core.py"
+    path.write_text(source)
+    assert guarded_imports(path, "engine.core") == want
 
 
 @pytest.mark.parametrize(
