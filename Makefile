@@ -12,7 +12,8 @@ PYTEST_ARGS ?=
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# The C build (schemas/_avroc.c) is compiled by the install: a change to it reinstalls.
+$(VENV)/.installed: pyproject.toml schemas/_avroc.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
