@@ -21,20 +21,9 @@ from engine.commands import CommandResult
 from engine.core import Engine
 from engine.settings import EngineSettings
 from engine.simulator import stamped_flow
+from schemas import events as E
 from schemas import wire
-from schemas.events import (
-    BalanceReason,
-    BalanceUpdate,
-    OrderStatus,
-    OrderType,
-    OrderUpdate,
-    RejectReason,
-    Side,
-    TimeInForce,
-    Trade,
-    fast_constructor,
-    python_constructor,
-)
+from schemas.events import fast_constructor, python_constructor
 from tests.unit.schemas.test_stdavro import EDGES, events, text
 
 try:
@@ -64,7 +53,7 @@ def test_the_seeded_flow_encodes_to_the_same_bytes():
     batches = [engine.execute(c).events for c in stamped_flow(specs, 200, 3_000, seed=7)]
     batches = [b for b in batches if b]
     assert sum(map(len, batches)) > 10_000
-    assert {type(e) for b in batches for e in b} == {OrderUpdate, Trade, BalanceUpdate}
+    assert {type(e) for b in batches for e in b} == {E.OrderUpdate, E.Trade, E.BalanceUpdate}
     for b in batches:
         out = native(b)
         assert out is not None
@@ -77,7 +66,7 @@ keys = st.one_of(st.integers(0, 2**63 - 1), st.sampled_from([e for e in EDGES if
 longs = st.one_of(st.integers(-(2**63), 2**63 - 1), st.sampled_from(EDGES))
 publishable = st.one_of(
     st.builds(
-        OrderUpdate,
+        E.OrderUpdate,
         keys,
         keys,
         longs,
@@ -85,22 +74,22 @@ publishable = st.one_of(
         text,
         keys,
         text,
-        st.sampled_from(Side),
-        st.sampled_from(OrderType),
-        st.sampled_from(TimeInForce),
+        st.sampled_from(E.Side),
+        st.sampled_from(E.OrderType),
+        st.sampled_from(E.TimeInForce),
         *[longs] * 6,
-        st.sampled_from(OrderStatus),
-        st.sampled_from([r for r in RejectReason if r is not RejectReason.OTHER]),
+        st.sampled_from(E.OrderStatus),
+        st.sampled_from([r for r in E.RejectReason if r is not E.RejectReason.OTHER]),
         *[longs] * 7,
     ),
     st.builds(
-        Trade,
+        E.Trade,
         keys,
         keys,
         *[longs] * 2,
         text,
         *[longs] * 3,
-        st.sampled_from(Side),
+        st.sampled_from(E.Side),
         *[longs] * 2,
         keys,
         keys,
@@ -108,14 +97,14 @@ publishable = st.one_of(
         longs,
     ),
     st.builds(
-        BalanceUpdate,
+        E.BalanceUpdate,
         keys,
         keys,
         longs,
         keys,
         text,
         *[longs] * 4,
-        st.sampled_from([r for r in BalanceReason if r is not BalanceReason.OTHER]),
+        st.sampled_from([r for r in E.BalanceReason if r is not E.BalanceReason.OTHER]),
         longs,
     ),
 )
@@ -143,7 +132,7 @@ def test_any_batch_whatever_path_gives_the_python_result(evs):
     assert wire.encode_events(evs) == python_entries(evs)
 
 
-GOOD = BalanceUpdate(1, 2, 3, 4, "USD", 5, 6, 7, 8, BalanceReason.DEPOSIT, 0)
+GOOD = E.BalanceUpdate(1, 2, 3, 4, "USD", 5, 6, 7, 8, E.BalanceReason.DEPOSIT, 0)
 
 
 @pytest.mark.parametrize(
@@ -158,7 +147,7 @@ GOOD = BalanceUpdate(1, 2, 3, 4, "USD", 5, 6, 7, 8, BalanceReason.DEPOSIT, 0)
         {"available": True},  # not exactly an int: Python decides
         {"available": "5"},
         {"asset": 5},
-        {"reason": Side.BUY},  # a member of another enum
+        {"reason": E.Side.BUY},  # a member of another enum
     ],
 )
 def test_what_the_fast_path_declines_python_encodes_or_marks(change):
@@ -187,7 +176,7 @@ def test_use_native_switches_the_path():
 
 # ------------------------------------------------------------------------------- constructor
 SAMPLES = [
-    OrderUpdate(
+    E.OrderUpdate(
         1,
         2,
         3,
@@ -195,17 +184,17 @@ SAMPLES = [
         "c-1",
         5,
         "BTC-USD",
-        Side.BUY,
-        OrderType.LIMIT,
-        TimeInForce.GTC,
+        E.Side.BUY,
+        E.OrderType.LIMIT,
+        E.TimeInForce.GTC,
         10,
         11,
         0,
         0,
         11,
         0,
-        OrderStatus.NEW,
-        RejectReason.NONE,
+        E.OrderStatus.NEW,
+        E.RejectReason.NONE,
         0,
         0,
         0,
@@ -214,9 +203,9 @@ SAMPLES = [
         0,
         1,
     ),
-    Trade(1, 3, 4, 7, "BTC-USD", 10, 2, 20, Side.SELL, 8, 9, 5, 6, 1, 2),
+    E.Trade(1, 3, 4, 7, "BTC-USD", 10, 2, 20, E.Side.SELL, 8, 9, 5, 6, 1, 2),
     GOOD,
-    CommandResult(True, RejectReason.NONE, 4, (GOOD,)),
+    CommandResult(True, E.RejectReason.NONE, 4, (GOOD,)),
 ]
 
 
@@ -237,8 +226,8 @@ def test_the_c_constructor_builds_what_the_class_and_the_python_twin_build(sampl
 
 
 def test_the_c_constructor_takes_exactly_every_field_positionally():
-    build = fast_constructor(BalanceUpdate)
-    values = [getattr(GOOD, f.name) for f in dataclasses.fields(BalanceUpdate)]
+    build = fast_constructor(E.BalanceUpdate)
+    values = [getattr(GOOD, f.name) for f in dataclasses.fields(E.BalanceUpdate)]
     with pytest.raises(TypeError, match="exactly 11"):
         build(*values[:-1])
     with pytest.raises(TypeError, match="keywords"):
@@ -252,16 +241,16 @@ def test_the_c_constructor_refuses_what_is_not_a_slots_class():
     with pytest.raises(ValueError):
         _avroc.slots_constructor(Plain, ("x",))
     with pytest.raises(ValueError, match="not an object slot"):
-        _avroc.slots_constructor(BalanceUpdate, ("epoch", "nope"))
+        _avroc.slots_constructor(E.BalanceUpdate, ("epoch", "nope"))
     with pytest.raises(ValueError, match="twice"):
-        _avroc.slots_constructor(BalanceUpdate, ("epoch", "epoch"))
+        _avroc.slots_constructor(E.BalanceUpdate, ("epoch", "epoch"))
 
 
 def test_the_c_constructor_holds_one_reference_per_slot_and_frees_it():
-    build = fast_constructor(BalanceUpdate)
+    build = fast_constructor(E.BalanceUpdate)
     asset = "".join(["U", "SD"])  # not interned: only this test refers to it
     before = sys.getrefcount(asset)
-    built = [build(1, i, 3, 4, asset, 5, 6, 7, 8, BalanceReason.DEPOSIT, 0) for i in range(1000)]
+    built = [build(1, i, 3, 4, asset, 5, 6, 7, 8, E.BalanceReason.DEPOSIT, 0) for i in range(1000)]
     assert sys.getrefcount(asset) == before + 1000
     assert all(gc.is_tracked(b) for b in built[:10])  # found by the cycle collector like any instance
     del built
