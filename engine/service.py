@@ -49,6 +49,7 @@ from engine.journal import Journal
 from engine.recovery import RecoveryReport, recover
 from engine.replay import REPLAY_LIMIT, TYPE_AT, ReplayService
 from engine.settings import EngineSettings
+from schemas import wire
 from schemas.events import RejectReason
 from schemas.wire import ENTRY, HEARTBEAT, UNPUBLISHABLE, encode_events, entry, pack
 
@@ -121,6 +122,13 @@ class EngineService:
                 self.recovery.unpublishable,
                 "; ".join(f"seq {seq} {reason}: {detail}" for seq, reason, detail in self.recovery.examples[:5]),
             )
+        self.encoder = "C" if wire.native_in_use() else "Python"
+        """Which encoder the hot path uses: without the optional C build the engine runs at about
+        half its rate (docs/benchmarks.md), so it says so at start and in /health."""
+        if self.encoder == "C":
+            log.info("event encoder: C (schemas._avroc)")
+        else:
+            log.warning("event encoder: Python (schemas._avroc not built, or switched off): about half the rate")
         self.stats = ServiceStats()
         self.last_loop = time.monotonic()
         """When ``service_io`` last ran (for /health; read from another thread)."""
@@ -283,6 +291,7 @@ class EngineService:
             "epoch": self.engine.epoch,
             "last_seq": self.engine.last_seq,
             "replays": len(self.replays.active),
+            "encoder": self.encoder,
         }
 
     def close(self) -> None:

@@ -62,6 +62,7 @@ __all__ = [
     "event_problem",
     "header_for",
     "loads_bounded",
+    "native_in_use",
     "pack",
     "parse_marker",
     "split_batch",
@@ -307,6 +308,11 @@ def use_native(enabled: bool) -> bool:
     tests compare the two); returns whether the C encoder is now in use."""
     global _native
     _native = _NATIVE if enabled else None
+    return _native is not None
+
+
+def native_in_use() -> bool:
+    """Whether ``encode_events`` uses the C build now."""
     return _native is not None
 
 

@@ -22,6 +22,7 @@ import engine.service as service_mod
 from engine.commands import AdvanceTime, Deposit, PlaceOrder, Withdraw
 from engine.service import EngineFatal, EngineService
 from engine.settings import EngineSettings
+from schemas import wire
 from schemas.codec import decode
 from schemas.events import OrderStatus, OrderType, RejectReason, Side, TimeInForce
 from schemas.wire import HEARTBEAT, split_batch, unpack
@@ -345,3 +346,21 @@ def test_a_restarted_service_recovers_its_epoch_and_seq_from_the_journal(make: _
     assert (w.accepted, w.reason) == (False, RejectReason.INSUFFICIENT_FUNDS)
     [d] = again.submit([Deposit(again.stamp(), 2, "USD", 1)])
     assert d.events[0].seq == last + 1 and _feed_seqs(feed.messages) == [last + 1]
+
+
+def test_the_service_says_which_encoder_it_uses(make: _Maker, caplog: pytest.LogCaptureFixture) -> None:
+    """Without the C build the engine runs at about half its rate: the log and /health say so."""
+    built = wire.use_native(True)
+    try:
+        wire.use_native(False)
+        with caplog.at_level("INFO", logger="ohs.engine"):
+            svc, _, _ = make()
+        assert svc.status()["encoder"] == "Python"
+        assert "event encoder: Python" in caplog.text
+        make.close(svc)
+        if built:
+            wire.use_native(True)
+            svc, _, _ = make()
+            assert svc.status()["encoder"] == "C"
+    finally:
+        wire.use_native(built)
