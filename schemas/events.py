@@ -291,6 +291,14 @@ except ImportError:  # pragma: no cover - depends on the build
     _slots_constructor = None  # type: ignore[assignment]
 
 
+def _slot_fields(cls: type[object]) -> tuple[str, ...]:
+    """The fields of ``cls``, which must be a slots dataclass whose slots are exactly its fields."""
+    names = tuple(getattr(cls, "__dataclass_fields__", ()))
+    if not names or getattr(cls, "__slots__", None) != names:
+        raise TypeError(f"{cls.__name__} is not a slots dataclass of its fields")
+    return names
+
+
 def fast_constructor(cls: type[_T]) -> Callable[..., _T]:
     """A positional constructor of the frozen slots dataclass ``cls`` (every field, in order), for
     the engine's hot path.
@@ -306,9 +314,7 @@ def fast_constructor(cls: type[_T]) -> Callable[..., _T]:
     instance is allocated and each argument stored in its slot (~0.5 us less per OrderUpdate,
     docs/benchmarks.md). Without it, the Python twin below; tests build with both and compare.
     The engine's logic stays Python: only how an event object is filled differs."""
-    names = tuple(getattr(cls, "__dataclass_fields__", ()))
-    if not names or getattr(cls, "__slots__", None) != names:
-        raise TypeError(f"{cls.__name__} is not a slots dataclass of its fields")
+    names = _slot_fields(cls)
     if _slots_constructor is not None:
         built: Callable[..., _T] = _slots_constructor(cls, names)
         return built
@@ -317,9 +323,7 @@ def fast_constructor(cls: type[_T]) -> Callable[..., _T]:
 
 def python_constructor(cls: type[_T]) -> Callable[..., _T]:
     """``fast_constructor`` in Python alone (what it is without the optional C build)."""
-    names = tuple(getattr(cls, "__dataclass_fields__", ()))
-    if not names or getattr(cls, "__slots__", None) != names:
-        raise TypeError(f"{cls.__name__} is not a slots dataclass of its fields")
+    names = _slot_fields(cls)
     body = "".join(f"    self.{n} = {n}\n" for n in names)
     src = f"def __init__(self, {', '.join(names)}):\n{body}    self.__class__ = cls\n"
     env: dict[str, object] = {"cls": cls}

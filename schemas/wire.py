@@ -136,6 +136,11 @@ def unpack(frame: bytes) -> WireHeader:
 
 _TEXT_FIELDS = frozenset({"client_order_id", "symbol", "asset"})
 _LAYOUT: dict[type[object], tuple[tuple[str, ...], tuple[str, ...]]] = {}
+_KINDS: dict[type[object], EventType] = {
+    OrderUpdate: EventType.ORDER_UPDATE,
+    Trade: EventType.TRADE,
+    BalanceUpdate: EventType.BALANCE_UPDATE,
+}
 _KEYS: dict[type[object], tuple[str, ...]] = {
     OrderUpdate: ("epoch", "seq", "user_id"),
     Trade: ("epoch", "seq", "taker_user_id", "maker_user_id"),
@@ -271,9 +276,7 @@ def split_batch(message: bytes) -> tuple[list[tuple[bytes, bytes]], str]:
 def _entry_builder(cls: type[Event]) -> Callable[[Event], bytes]:
     """The event's whole entry (size, header, record) from one generated function."""
     keys = {OrderUpdate: "e.user_id, 0", Trade: "e.taker_user_id, e.maker_user_id", BalanceUpdate: "e.user_id, 0"}[cls]
-    kind = int(
-        {OrderUpdate: EventType.ORDER_UPDATE, Trade: EventType.TRADE, BalanceUpdate: EventType.BALANCE_UPDATE}[cls]
-    )
+    kind = int(_KINDS[cls])
     frame = f"P(len(body), M, V, {kind}, e.epoch, e.seq, {keys}) + body"
     return framed_encoder(cls, frame, {"P": ENTRY.pack, "M": MAGIC, "V": VERSION})
 
@@ -289,12 +292,11 @@ def _configure_native() -> Callable[[Sequence[Event]], bytes | None] | None:
     if _avroc is None:
         return None
     codes = {"long": 0, "string": 1, "enum": 2}
-    kinds = {OrderUpdate: EventType.ORDER_UPDATE, Trade: EventType.TRADE, BalanceUpdate: EventType.BALANCE_UPDATE}
     specs = []
     for cls, keys in _KEYS.items():
         header, layout = current_layout(cls)  # type: ignore[arg-type]
         fields_ = tuple((name, codes[kind], members) for name, kind, members in layout)
-        specs.append((cls, int(kinds[cls]), header, keys[2:], fields_))
+        specs.append((cls, int(_KINDS[cls]), header, keys[2:], fields_))
     _avroc.configure(tuple(specs), MAX_EVENT_BYTES, VERSION)
     return _avroc.encode_entries
 
