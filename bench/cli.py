@@ -40,6 +40,64 @@ def _drain(endpoint: str, ready: Any, stop: Any) -> None:
     sub.close(linger=0)
 
 
+def _core_run(specs: Any, commands: Any) -> tuple[float, float, int]:
+    """One run of the core over ``commands``: (commands/s, commands per CPU-second, events)."""
+    from engine.core import Engine
+
+    engine = Engine(specs, 1)
+    t0, c0 = time.perf_counter(), time.process_time()
+    events = 0
+    for c in commands:
+        events += len(engine.execute(c).events)
+    cpu = len(commands) / (time.process_time() - c0)
+    return len(commands) / (time.perf_counter() - t0), cpu, events
+
+
+def _flow(n: int) -> tuple[Any, Any, int]:
+    """(symbol specs, the seeded flow of ``n`` commands, the engine's collector threshold)."""
+    from engine.settings import EngineSettings
+    from engine.simulator import stamped_flow
+
+    settings = EngineSettings(_env_file=None)  # type: ignore[call-arg]
+    specs = settings.symbol_specs()
+    return specs, stamped_flow(specs, 1000, n, seed=1), settings.gc_threshold0
+
+
+def _source_core_child(n: int, runs: int) -> str:
+    """In the child process of ``_source_core_rates``: the runs' figures, as JSON."""
+    import json
+
+    import engine
+    from kit.runtime import tune_gc
+
+    specs, commands, gc_threshold0 = _flow(n)
+    tune_gc(gc_threshold0)
+    rates = [_core_run(specs, commands)[:2] for _ in range(runs)]
+    return json.dumps({"build": engine.core_build(), "rates": rates})
+
+
+def _source_core_rates(n: int, runs: int) -> list[tuple[float, float]]:
+    """The core's runs on its Python source while the compiled build is installed: in a child
+    process, since OHS_ENGINE_PURE acts when the core is imported (engine/__init__.py)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = "import sys; from bench.cli import _source_core_child as f; print(f(int(sys.argv[1]), int(sys.argv[2])))"
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(n), str(runs)],
+        env={**os.environ, "OHS_ENGINE_PURE": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    if not str(got["build"]).startswith("Python"):
+        raise click.ClickException(f"the child process ran {got['build']}, not the core's source")
+    return [(wall, cpu) for wall, cpu in got["rates"]]
+
+
 @click.group()
 def bench() -> None:
     """Benchmarks (figures, not tests). See docs/benchmarks.md."""
@@ -57,37 +115,33 @@ def bench_engine(n: int, runs: int, as_json: bool) -> None:
     """Commands/s of the pure core, and of core + journal (fsync every 5 ms) + PUB feed with one and
     with two subscribers draining it in their own processes. Each figure also in CPU time of the
     engine process (its ZeroMQ I/O thread included), which a loaded machine disturbs less. With the
-    C encoder built (schemas/_avroc.c), the one-subscriber figure again with the Python encoder."""
+    C encoder built (schemas/_avroc.c), the one-subscriber figure again with the Python encoder;
+    with the core compiled (mypyc, setup.py), the core again from its Python source."""
     import statistics
 
-    from engine.core import Engine
+    import engine
     from engine.service import EngineService
     from engine.settings import EngineSettings
-    from engine.simulator import stamped_flow
     from kit.runtime import tune_gc
     from schemas import wire
 
-    settings = EngineSettings(_env_file=None)  # type: ignore[call-arg]
-    specs = settings.symbol_specs()
     native_built = wire.use_native(True)
+    build = engine.core_build()
+    compiled = build.startswith("compiled")
+    click.echo(f"engine core: {build}; event encoder: {'C' if native_built else 'Python'}", err=True)
 
-    commands = stamped_flow(specs, 1000, n, seed=1)
+    specs, commands, gc_threshold0 = _flow(n)
     # What an engine process does after start-up (engine/cli.py): the flow stands in for state
     # that lives as long as the process.
-    tune_gc(settings.gc_threshold0)
+    tune_gc(gc_threshold0)
     events_per_run = 0
     cpu: dict[str, list[float]] = {}
 
     def core() -> float:
         nonlocal events_per_run
-        engine = Engine(specs, 1)
-        t0, c0 = time.perf_counter(), time.process_time()
-        events = 0
-        for c in commands:
-            events += len(engine.execute(c).events)
-        cpu.setdefault("core", []).append(len(commands) / (time.process_time() - c0))
-        events_per_run = events
-        return len(commands) / (time.perf_counter() - t0)
+        wall, per_cpu, events_per_run = _core_run(specs, commands)
+        cpu.setdefault("core", []).append(per_cpu)
+        return wall
 
     def full(consumers: int, native: bool = True) -> float:
         was = wire.use_native(native)
@@ -133,6 +187,12 @@ def bench_engine(n: int, runs: int, as_json: bool) -> None:
     CORE = "core commands/s (pure, one process)"
     CORE_CPU = "core commands per CPU-second"
     core_med, core_runs = median_of(runs, core)
+    # The same core run from its Python source (without the optional mypyc build), interleaved
+    # here in a child process: what the build gains in the same minutes, and what a machine
+    # without a compiler gets.
+    source = _source_core_rates(n, runs) if compiled else []
+    SOURCE = "core commands/s, Python source (no mypyc build)"
+    SOURCE_CPU = "core commands per CPU-second, Python source"
     one_med, one_runs = median_of(runs, lambda: full(1))
     two_med, two_runs = median_of(runs, lambda: full(2))
     # The same without the C encoder (an optional build): what it saves, and what a machine
@@ -149,6 +209,11 @@ def bench_engine(n: int, runs: int, as_json: bool) -> None:
         [
             Figure(CORE, core_med, "cmd/s", core_runs),
             Figure("core events/s", core_med * events_per_run / len(commands), "ev/s"),
+            *(
+                [Figure(SOURCE, statistics.median(w for w, _ in source), "cmd/s", [w for w, _ in source], CORE)]
+                if source
+                else []
+            ),
             Figure(ONE, one_med, "cmd/s", one_runs, CORE),
             Figure("core+journal+feed, 2 subscribers, commands/s", two_med, "cmd/s", two_runs, ONE),
             *(
@@ -157,6 +222,11 @@ def bench_engine(n: int, runs: int, as_json: bool) -> None:
                 else []
             ),
             Figure(CORE_CPU, med("core"), "cmd/s", cpu["core"]),
+            *(
+                [Figure(SOURCE_CPU, statistics.median(c for _, c in source), "cmd/s", [c for _, c in source], CORE_CPU)]
+                if source
+                else []
+            ),
             Figure(ONE_CPU, med("full1"), "cmd/s", cpu["full1"], CORE_CPU),
             Figure("core+journal+feed, 2 subscribers, cmd per CPU-s", med("full2"), "cmd/s", cpu["full2"], ONE_CPU),
             *(

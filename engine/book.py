@@ -19,13 +19,20 @@ from __future__ import annotations
 import bisect
 from collections import deque
 from collections.abc import Iterator
+from typing import Final
 
 from engine.ledger import Cell
 from schemas.events import OrderStatus, OrderType, OrderUpdate, Side, TimeInForce
 
 __all__ = ["Level", "Order", "OrderBook"]
 
-_OPEN = (OrderStatus.NEW, OrderStatus.PARTIALLY_FILLED)
+_OPEN: Final = (OrderStatus.NEW, OrderStatus.PARTIALLY_FILLED)
+# Final: the compiled build (mypyc) reads these as C statics, not through the module's dict.
+_NEW: Final = OrderStatus.NEW
+_BUY: Final = Side.BUY
+_deque: Final = deque
+_insort: Final = bisect.insort
+_bisect_left: Final = bisect.bisect_left
 
 
 class Order:
@@ -83,7 +90,7 @@ class Order:
         self.quote_budget = quote_budget
         self.filled_qty = 0
         self.quote_filled = 0
-        self.status = OrderStatus.NEW
+        self.status = _NEW
         self.created_ns = created_ns
         self.updated_ns = created_ns
         self.expire_ns = expire_ns
@@ -108,7 +115,7 @@ class Level:
     __slots__ = ("orders", "total")
 
     def __init__(self) -> None:
-        self.orders: deque[Order] = deque()
+        self.orders: deque[Order] = _deque()
         self.total = 0
 
 
@@ -127,7 +134,7 @@ class _Side:
         level = self.levels.get(key)
         if level is None:
             level = self.levels[key] = Level()
-            bisect.insort(self.prices, key)
+            _insort(self.prices, key)
         level.orders.append(order)
         level.total += order.qty - order.filled_qty
 
@@ -142,7 +149,7 @@ class _Side:
         level.total -= order.qty - order.filled_qty
         if not orders:
             del self.levels[key]
-            del self.prices[bisect.bisect_left(self.prices, key)]
+            del self.prices[_bisect_left(self.prices, key)]
 
     def filled_front(self, level: Level, qty: int, done: bool) -> None:
         """The best level's front order got ``qty`` filled; ``done``: it is filled and leaves."""
@@ -197,10 +204,10 @@ class OrderBook:
         self.asks = _Side(+1)
 
     def side(self, side: Side) -> _Side:
-        return self.bids if side is Side.BUY else self.asks
+        return self.bids if side is _BUY else self.asks
 
     def opposite(self, side: Side) -> _Side:
-        return self.asks if side is Side.BUY else self.bids
+        return self.asks if side is _BUY else self.bids
 
     def add(self, order: Order) -> None:
         self.side(order.side).add(order)

@@ -51,11 +51,14 @@ import json
 import os
 import struct
 import time
-import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
+
+# zlib-ng's CRC-32 is zlib's (the same values: journals written with either read with either), at a
+# smaller cost per call; the journal computes one per record.
+from zlib_ng.zlib_ng import crc32
 
 from engine.commands import AdvanceTime, CancelOrder, Command, Deposit, PlaceOrder, Withdraw
 from engine.interfaces import EngineError, SymbolSpec
@@ -177,6 +180,58 @@ _CANCEL = struct.Struct(">BqqqH")
 _FUNDS = struct.Struct(">BqqqH")
 _TICK = struct.Struct(">Bq")
 _T_JSON, _T_PLACE, _T_CANCEL, _T_DEPOSIT, _T_WITHDRAW, _T_TICK = range(6)
+_LONG, _ENUM, _TEXT = 0, 1, 2
+
+
+def _longs(*names: str) -> tuple[tuple[str, int, tuple[object, ...]], ...]:
+    return tuple((name, _LONG, ()) for name in names)
+
+
+_LAYOUTS = (
+    (
+        PlaceOrder,
+        _T_PLACE,
+        (
+            *_longs("ts_ns", "user_id", "qty", "price", "quote_budget", "expire_ns"),
+            ("side", _ENUM, _SIDES),
+            ("order_type", _ENUM, _TYPES),
+            ("time_in_force", _ENUM, _TIFS),
+            ("symbol", _TEXT, ()),
+            ("client_order_id", _TEXT, ()),
+        ),
+    ),
+    (CancelOrder, _T_CANCEL, (*_longs("ts_ns", "user_id", "order_id"), ("client_order_id", _TEXT, ()))),
+    (Deposit, _T_DEPOSIT, (*_longs("ts_ns", "user_id", "amount"), ("asset", _TEXT, ()))),
+    (Withdraw, _T_WITHDRAW, (*_longs("ts_ns", "user_id", "amount"), ("asset", _TEXT, ()))),
+    (AdvanceTime, _T_TICK, _longs("ts_ns")),
+)
+"""The packed layouts above as data, for the optional C build of the record (``engine._journalc``):
+in layout order, a long is 8 bytes, an enum member its index in the tuple (1 byte), text its UTF-8
+length (2 bytes), the texts themselves after the fixed part. ``_pack_command`` is the reference;
+tests/unit/engine_edges/test_journal_native.py compares the two."""
+
+
+def _python_record(
+    cmd: Command, first_seq: int, count: int, entries: bytes, json_records: Sequence[bytes] = ()
+) -> bytes:
+    """A command record as ``Journal.add`` stages it, built in Python (what the C build must match)."""
+    packed = _pack_command(cmd)
+    payload = _PREFIX.pack(first_seq, count, len(packed)) + packed + entries
+    if json_records:
+        payload += b"".join(_SIZE.pack(len(r)) + r for r in json_records)
+    return _REC.pack(len(payload), crc32(payload)) + payload
+
+
+def _configure_native() -> Callable[[Command, int, int, bytes], bytes | None] | None:
+    try:  # the optional C build (setup.py); absent, Journal.add builds every record in Python
+        from engine import _journalc
+    except ImportError:
+        return None
+    _journalc.configure(_LAYOUTS, crc32)
+    return _journalc.record
+
+
+_native_record = _configure_native()
 
 
 def _pack_command(cmd: Command) -> bytes:
@@ -415,11 +470,10 @@ class Journal:
     def add(self, cmd: Command, first_seq: int, count: int, entries: bytes, json_records: Sequence[bytes] = ()) -> None:
         """Stage one command record: its events' entries (``schemas.wire.encode_events``). Written
         by the next ``flush``; nothing of it may be published before."""
-        packed = _pack_command(cmd)
-        payload = _PREFIX.pack(first_seq, count, len(packed)) + packed + entries
-        if json_records:
-            payload += b"".join(_SIZE.pack(len(r)) + r for r in json_records)
-        record = _REC.pack(len(payload), zlib.crc32(payload)) + payload
+        # The C build takes the usual record; what it declines (and markers) is built in Python.
+        record = None if json_records or _native_record is None else _native_record(cmd, first_seq, count, entries)
+        if record is None:
+            record = _python_record(cmd, first_seq, count, entries, json_records)
         if count:
             if self._records % _INDEX_EVERY == 0 or not self._index:
                 self._index.append((first_seq, self._end))
@@ -566,7 +620,7 @@ def write_header(path: Path, header: JournalHeader) -> None:
     """Create ``path`` holding only ``header`` (fsynced)."""
     payload = json.dumps(asdict(header), separators=(",", ":")).encode()
     with path.open("wb") as fh:
-        fh.write(_REC.pack(len(payload), zlib.crc32(payload)) + payload)
+        fh.write(_REC.pack(len(payload), crc32(payload)) + payload)
         fh.flush()
         os.fsync(fh.fileno())
 
@@ -638,7 +692,7 @@ def _read_record(fh: Any) -> bytes | None:
         return None
     length, crc = _REC.unpack(head)
     payload: bytes = fh.read(length)
-    if len(payload) < length or zlib.crc32(payload) != crc:
+    if len(payload) < length or crc32(payload) != crc:
         return None
     return payload
 

@@ -56,6 +56,10 @@ typedef struct {
     Py_ssize_t len, cap;
 } Out;
 
+#define KEEP (256 * 1024)
+static unsigned char *keep_buf = NULL;
+static Py_ssize_t keep_cap = 0;
+
 static int out_reserve(Out *o, Py_ssize_t extra) {
     if (o->len + extra <= o->cap) return 0;
     Py_ssize_t cap = o->cap ? o->cap : 1024;
@@ -229,7 +233,12 @@ static PyObject *encode_entries(PyObject *Py_UNUSED(self), PyObject *arg) {
     if (!seq) return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     PyObject **items = PySequence_Fast_ITEMS(seq);
-    Out o = {NULL, 0, 0};
+    /* The buffer stays between calls: a malloc and a free less per command. A call takes it
+     * (the GIL is held), so even a nested call, were a getattr to run Python code, gets its own;
+     * one of at most KEEP bytes is put back, a larger one (a huge batch) is freed. */
+    Out o = {keep_buf, 0, keep_cap};
+    keep_buf = NULL;
+    keep_cap = 0;
     PyObject *result = NULL;
     if (out_reserve(&o, 64 + n * 256)) { /* an entry of the engine's events is ~100-200 bytes */
         PyErr_NoMemory();
@@ -248,7 +257,12 @@ static PyObject *encode_entries(PyObject *Py_UNUSED(self), PyObject *arg) {
     }
     result = PyBytes_FromStringAndSize((const char *)o.buf, o.len);
 done:
-    PyMem_Free(o.buf);
+    if (o.cap <= KEEP && !keep_buf) {
+        keep_buf = o.buf;
+        keep_cap = o.cap;
+    } else {
+        PyMem_Free(o.buf);
+    }
     Py_DECREF(seq);
     return result;
 }

@@ -310,7 +310,7 @@ def fast_constructor(cls: type[_T]) -> Callable[..., _T]:
     assignment between classes of one layout is what CPython allows for exactly this). The
     result is an ordinary ``cls`` instance: equal, hashable and frozen as any other.
 
-    With the optional C build (``schemas/_avroc.c``, pyproject.toml) the same is done in C: the
+    With the optional C build (``schemas/_avroc.c``, setup.py) the same is done in C: the
     instance is allocated and each argument stored in its slot (~0.5 us less per OrderUpdate,
     docs/benchmarks.md). Without it, the Python twin below; tests build with both and compare.
     The engine's logic stays Python: only how an event object is filled differs."""

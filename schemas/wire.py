@@ -39,7 +39,7 @@ from schemas.errors import SchemaError
 from schemas.events import INT64_MAX, INT64_MIN, BalanceUpdate, Event, EventType, OrderUpdate, Trade, enum_fields
 from schemas.stdavro import current_layout, framed_encoder
 
-try:  # the optional C build of the hot path's encoder (pyproject.toml); absent, Python does it all
+try:  # the optional C build of the hot path's encoder (setup.py); absent, Python does it all
     from schemas import _avroc
 except ImportError:  # pragma: no cover - depends on the build
     _avroc = None  # type: ignore[assignment]
@@ -316,6 +316,12 @@ def use_native(enabled: bool) -> bool:
 def native_in_use() -> bool:
     """Whether ``encode_events`` uses the C build now."""
     return _native is not None
+
+
+def native_encoder() -> Callable[[Sequence[Event]], bytes | None] | None:
+    """The C encoder ``encode_events`` tries first, when it is in use: for a loop that calls it
+    per command and ``encode_events`` only when it answers None (the engine's hot path)."""
+    return _native
 
 
 def encode_events(events: Sequence[Event]) -> tuple[bytes, list[bytes] | None]:

@@ -49,6 +49,7 @@ ALLOWED: dict[str, frozenset[str]] = {
 PURE = frozenset(
     {
         "engine.core",
+        "engine.batch",
         "engine.book",
         "engine.ledger",
         "engine.commands",

@@ -84,6 +84,19 @@ def test_the_journal_holds_the_feeds_bytes_and_replays_them_untouched(tmp_path):
     assert [s for s, _ in sub] == list(range(37, 57))
 
 
+def test_every_record_carries_zlibs_crc32(tmp_path):
+    """The journal computes its checksums with zlib-ng: the very CRC-32 of the standard library's
+    zlib, so the format did not change with it (records written before read, and the reverse)."""
+    _journal(tmp_path, _flow(60))
+    data = (tmp_path / "journal.log").read_bytes()
+    pos, checked = 0, 0
+    while pos < len(data):
+        length, crc = struct.unpack_from(">II", data, pos)
+        assert zlib.crc32(data[pos + 8 : pos + 8 + length]) == crc
+        pos, checked = pos + 8 + length, checked + 1
+    assert pos == len(data) and checked > 60
+
+
 def test_every_command_round_trips_and_what_no_layout_holds_goes_as_json():
     ts = 1_700_000_000_000_000_000
     commands = [

@@ -350,14 +350,16 @@ def test_unpublishable_events_go_out_as_markers_from_replay_and_feed(make, tmp_p
     spec = settings.symbol_specs()[0]
     place = PlaceOrder(svc.stamp(), 3, spec.name, Side.BUY, OrderType.LIMIT, TimeInForce.GTC, 1, 100)
     deposit, placed = svc.submit([Deposit(svc.stamp(), 2, spec.base, 5), place])
-    assert deposit.events[0].seq == legacy.last_seq + 1 and placed.accepted
+    assert deposit.first_seq == deposit.last_seq == legacy.last_seq + 1 and placed.accepted
     sent = []
     while sub.poll(2000) and len(sent) < 3:
         entries, problem = split_batch(sub.recv())
         assert not problem
         sent += [e for e in entries if unpack(e[0]).type != 100]  # heartbeats aside
     assert [unpack(h).seq for h, _ in sent] == list(range(legacy.last_seq + 1, legacy.last_seq + 4))
-    assert decode(sent[0][1]) == deposit.events[0] and decode(sent[1][1]) == placed.events[0]
+    paid, new = decode(sent[0][1]), decode(sent[1][1])
+    assert (paid.seq, paid.user_id, paid.asset, paid.delta_available) == (deposit.first_seq, 2, spec.base, 5)
+    assert (new.seq, new.order_id) == (placed.first_seq, placed.order_id)
     lock = unpack(sent[2][0])
     assert lock.type == UNPUBLISHABLE and parse_marker(sent[2][1])["reason"] == "out_of_range"
     # The service journals them as usual: a later recovery holds everything.

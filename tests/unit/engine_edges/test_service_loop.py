@@ -129,22 +129,30 @@ def test_a_journal_that_cannot_be_written_stops_the_engine_before_anything_is_se
     assert feed.messages == [], "an event the journal may not hold is never published"
 
 
-def test_a_core_failure_mid_batch_is_fatal_and_publishes_nothing_of_the_batch(
+def test_a_failure_mid_batch_is_fatal_names_its_command_and_publishes_nothing_of_the_batch(
     make: _Maker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     svc, feed, calls = make()
-    apply = svc.engine.apply
-    seen: list[Any] = []
+    stage = svc.journal.add
+    staged: list[Any] = []
 
-    def apply_(cmd: Any) -> Any:
-        seen.append(cmd)
-        if len(seen) == 2:
-            raise ZeroDivisionError("a bug in the core")
-        return apply(cmd)
+    def failing_stage(cmd: Any, *args: Any) -> None:
+        staged.append(cmd)
+        if len(staged) == 2:
+            raise ZeroDivisionError("a bug in the journal")
+        stage(cmd, *args)
 
-    monkeypatch.setattr(svc.engine, "apply", apply_)
-    with pytest.raises(EngineFatal, match="ZeroDivisionError"):
+    monkeypatch.setattr(svc.journal, "add", failing_stage)
+    with pytest.raises(EngineFatal, match=r"ZeroDivisionError executing or journaling Deposit\(.*user_id=2"):
         svc.submit([Deposit(svc.stamp(), 1, "USD", 10), Deposit(svc.stamp(), 2, "USD", 10)])
+    assert feed.messages == [] and ("flush", None) not in calls
+
+
+def test_a_non_command_in_a_batch_is_fatal_and_publishes_nothing_of_the_batch(make: _Maker) -> None:
+    """A bug upstream (the core refuses it: the compiled build by its type, the source as no command)."""
+    svc, feed, calls = make()
+    with pytest.raises(EngineFatal, match=r"(TypeError|AttributeError) executing or journaling 'not a command'"):
+        svc.submit([Deposit(svc.stamp(), 1, "USD", 10), "not a command"])  # type: ignore[list-item]
     assert feed.messages == [] and ("flush", None) not in calls
 
 
@@ -152,7 +160,7 @@ def test_rejections_are_values_journaled_like_any_command(make: _Maker) -> None:
     svc, feed, calls = make()
     withdraw, place = svc.submit([Withdraw(svc.stamp(), 1, "USD", 5), _place(svc, 1, Side.BUY, 1, 100)])
     # A rejected withdraw changes nothing and has no event, but is journaled (recovery replays it).
-    assert (withdraw.accepted, withdraw.reason, withdraw.events) == (False, RejectReason.INSUFFICIENT_FUNDS, ())
+    assert withdraw.astuple() == (False, RejectReason.INSUFFICIENT_FUNDS, 0, 0, 0)
     adds = [(type(a[0]), a[1], a[2]) for k, a in calls if k == "add"]
     assert adds == [(Withdraw, 0, 0), (PlaceOrder, 1, 1)]
     # A rejected order gets an id and one REJECTED update, published like any event.
@@ -345,7 +353,7 @@ def test_a_restarted_service_recovers_its_epoch_and_seq_from_the_journal(make: _
     [w] = again.submit([Withdraw(again.stamp(), 1, "USD", 100)])
     assert (w.accepted, w.reason) == (False, RejectReason.INSUFFICIENT_FUNDS)
     [d] = again.submit([Deposit(again.stamp(), 2, "USD", 1)])
-    assert d.events[0].seq == last + 1 and _feed_seqs(feed.messages) == [last + 1]
+    assert d.first_seq == d.last_seq == last + 1 and _feed_seqs(feed.messages) == [last + 1]
 
 
 def test_the_service_says_which_encoder_it_uses(make: _Maker, caplog: pytest.LogCaptureFixture) -> None:
@@ -364,3 +372,40 @@ def test_the_service_says_which_encoder_it_uses(make: _Maker, caplog: pytest.Log
             assert svc.status()["encoder"] == "C"
     finally:
         wire.use_native(built)
+
+
+def test_the_service_says_which_core_runs(make: _Maker, caplog: pytest.LogCaptureFixture) -> None:
+    """The compiled core (optional build) or its source: the log and /health say which, and why."""
+    import engine
+
+    with caplog.at_level("INFO", logger="ohs.engine"):
+        svc, _, _ = make()
+    core = svc.status()["core"]
+    assert core == engine.core_build() and f"engine core: {core}" in caplog.text
+    assert core == "compiled (mypyc)" or str(core).startswith("Python (")
+
+
+def test_each_outcome_names_the_seqs_of_its_commands_events(make: _Maker) -> None:
+    """What the gateway replies: first_seq..last_seq are exactly the seqs the feed carries for it."""
+    svc, feed, _ = make()
+    _quiet(svc)
+    outcomes = svc.submit(
+        [
+            Deposit(svc.stamp(), 1, "BTC", 10),
+            Deposit(svc.stamp(), 2, "USD", 10_000),
+            _place(svc, 1, Side.SELL, 2, 100),
+            Withdraw(svc.stamp(), 3, "USD", 1),  # rejected: no event
+            _place(svc, 2, Side.BUY, 3, 100),  # fills 2, rests 1: a trade, updates, balances
+        ]
+    )
+    seqs = _feed_seqs(feed.messages)
+    spans = [list(range(o.first_seq, o.last_seq + 1)) if o.first_seq else [] for o in outcomes]
+    assert [len(s) for s in spans[:4]] == [1, 1, 2, 0] and len(spans[4]) > 5
+    assert [seq for s in spans for seq in s] == seqs == list(range(1, len(seqs) + 1))
+    assert [(o.accepted, o.order_id > 0) for o in outcomes] == [
+        (True, False),
+        (True, False),
+        (True, True),
+        (False, False),
+        (True, True),
+    ]

@@ -1,0 +1,6 @@
+# The optional C build of the journal's command record (engine/_journalc.c); engine.journal
+# configures and calls it.
+from collections.abc import Callable
+
+def configure(layouts: tuple[object, ...], crc32: Callable[[memoryview], int]) -> None: ...
+def record(cmd: object, first_seq: int, count: int, entries: bytes) -> bytes | None: ...
