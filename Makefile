@@ -15,7 +15,7 @@ venv: $(VENV)/.installed
 # The optional builds (setup.py: schemas/_avroc.c, and the engine core compiled by mypyc) are made
 # by the install: a change to their sources reinstalls (engine/__init__.py runs the source of a
 # core edited since, never a stale build).
-$(VENV)/.installed: pyproject.toml setup.py schemas/_avroc.c engine/_journalc.c engine/book.py engine/ledger.py engine/core.py engine/batch.py
+$(VENV)/.installed: pyproject.toml setup.py schemas/_avroc.c schemas/_cslots.h engine/_journalc.c engine/book.py engine/ledger.py engine/core.py engine/batch.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'

@@ -64,8 +64,21 @@ def _extensions() -> list[Extension]:
         _warn("OHS_PURE_BUILD=1: no optional build; the Python source runs")
         return []
     return [
-        Extension("schemas._avroc", ["schemas/_avroc.c"], optional=True, extra_compile_args=["-O2"]),
-        Extension("engine._journalc", ["engine/_journalc.c"], optional=True, extra_compile_args=["-O2"]),
+        Extension(
+            "schemas._avroc",
+            ["schemas/_avroc.c"],
+            depends=["schemas/_cslots.h"],
+            optional=True,
+            extra_compile_args=["-O2"],
+        ),
+        Extension(
+            "engine._journalc",
+            ["engine/_journalc.c"],
+            include_dirs=["schemas"],  # _cslots.h, shared with schemas/_avroc.c
+            depends=["schemas/_cslots.h"],
+            optional=True,
+            extra_compile_args=["-O2"],
+        ),
         *_core_extensions(),
     ]
 

@@ -7,7 +7,6 @@ not fail unnoticed)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 
 import pytest
@@ -22,16 +21,9 @@ from engine.settings import EngineSettings
 from engine.simulator import stamped_flow
 from schemas.events import OrderType, Side, TimeInForce
 from schemas.wire import encode_events
+from tests.unit.optional_build import built
 
-try:
-    from engine import _journalc
-except ImportError:
-    _journalc = None
-
-if _journalc is None:
-    if os.environ.get("OHS_REQUIRE_NATIVE") == "1":
-        raise RuntimeError("engine._journalc was not built (OHS_REQUIRE_NATIVE=1): see the pip install output")
-    pytest.skip("engine._journalc was not built (no C compiler or Python headers)", allow_module_level=True)
+_journalc = built("engine._journalc")
 
 native = _journalc.record
 TS = 1_796_000_000_000_000_000

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import os
 import pickle
 import sys
 
@@ -24,17 +23,10 @@ from engine.simulator import stamped_flow
 from schemas import events as E
 from schemas import wire
 from schemas.events import fast_constructor, python_constructor
+from tests.unit.optional_build import built
 from tests.unit.schemas.test_stdavro import EDGES, events, text
 
-try:
-    from schemas import _avroc
-except ImportError:
-    _avroc = None
-
-if _avroc is None:
-    if os.environ.get("OHS_REQUIRE_NATIVE") == "1":
-        raise RuntimeError("schemas._avroc was not built (OHS_REQUIRE_NATIVE=1): see the pip install output")
-    pytest.skip("schemas._avroc was not built (no C compiler or Python headers)", allow_module_level=True)
+_avroc = built("schemas._avroc")
 
 native = _avroc.encode_entries
 
