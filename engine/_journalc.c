@@ -136,7 +136,7 @@ static void release(Values *v) {
 
 /* Read and check every field; the packed command's size, or -1 (declined, no exception) / -2 (error). */
 static Py_ssize_t read_fields(Layout *l, PyObject *cmd, Values *v) {
-    Py_ssize_t size = 1, texts = 0;
+    Py_ssize_t size = 1;
     for (Py_ssize_t f = 0; f < l->nfields; f++) {
         Field *fd = &l->fields[f];
         PyObject *x;
@@ -177,10 +177,8 @@ static Py_ssize_t read_fields(Layout *l, PyObject *cmd, Values *v) {
             v->text[f] = s;
             v->text_len[f] = n;
             size += 2 + n;
-            texts++;
         }
     }
-    (void)texts;
     return size;
 }
 
